@@ -1,0 +1,89 @@
+"""Distillation loss (DESIGN §4), plain PyTorch.
+
+Per real target position (``labels != ignore_index``)::
+
+    loss = alpha * tau**2 * D + (1 - alpha) * CE(softmax(z_S), y)
+
+with ``q_S = softmax(z_S / tau)``, ``p_T = softmax(z_T / tau)``, ``D = KL(q_S || p_T)``
+(``"reverse_kl"``) or ``KL(p_T || q_S)`` (``"forward_kl"``), averaged over the
+real positions (0 when there are none).
+
+Vocabularies: the divergence is taken over the shared prefix ``min(V_s, V_t)``,
+each distribution renormalised over it; the CE term uses the student's full
+vocabulary (so a label is valid if it is ``< V_s``). Ignored rows are dropped
+before any arithmetic, so NaN logits there cannot reach the loss or its gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["distill_loss", "distill_loss_from_logits", "DIVERGENCES"]
+
+DIVERGENCES = ("reverse_kl", "forward_kl")
+
+
+def distill_loss_from_logits(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    divergence: str = "reverse_kl",
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """``student_logits`` ``[N, V_s]``, ``teacher_logits`` ``[N, V_t]``, ``labels`` ``[N]``."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    compute = torch.promote_types(student_logits.dtype, torch.float32)
+    real = labels != ignore_index
+    z_s = student_logits[real].to(compute)
+    z_t = teacher_logits[real].detach().to(compute)
+    y = labels[real].long()
+    n_real = z_s.shape[0]
+    if n_real == 0:  # keeps the graph (zero gradients) without touching masked rows
+        return z_s.sum() * 0.0
+
+    shared = min(z_s.shape[-1], z_t.shape[-1])
+    tau = float(temperature)
+    log_q = torch.log_softmax(z_s[:, :shared] / tau, dim=-1)
+    log_p = torch.log_softmax(z_t[:, :shared] / tau, dim=-1)
+    if divergence == "reverse_kl":
+        div = (log_q.exp() * (log_q - log_p)).sum(-1)
+    else:
+        div = (log_p.exp() * (log_p - log_q)).sum(-1)
+    ce = -torch.log_softmax(z_s, dim=-1).gather(-1, y[:, None]).squeeze(-1)
+    per_row = alpha * tau * tau * div + (1.0 - alpha) * ce
+    return (per_row.sum() / n_real).to(compute)
+
+
+def distill_loss(
+    student_hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    divergence: str = "reverse_kl",
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Student logits are ``student_hidden [N, d] @ lm_head_weight[V_s, d].T``; see module doc.
+
+    ``chunk_size`` is accepted for signature parity with the fused kernel and ignored.
+    """
+    del chunk_size
+    real = labels != ignore_index
+    hidden = student_hidden[real]
+    logits = hidden @ lm_head_weight.t()
+    return distill_loss_from_logits(
+        logits,
+        teacher_logits[real],
+        labels[real],
+        alpha=alpha,
+        temperature=temperature,
+        divergence=divergence,
+        ignore_index=ignore_index,
+    )

@@ -1,0 +1,45 @@
+"""Shared test utilities: tolerances (stated once), random inputs, comparisons."""
+
+from __future__ import annotations
+
+import torch
+
+# (atol, rtol) for a kernel output in `dtype` vs the float64 reference. Attention
+# outputs and gradients are O(1); fp16/bf16 round inputs and the P@V product.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-4, 2e-4),
+    torch.float16: (3e-3, 3e-3),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+# Gradients accumulate over the sequence: looser.
+GRAD_TOLERANCES = {
+    torch.float64: (1e-9, 1e-9),
+    torch.float32: (5e-4, 5e-4),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (5e-2, 5e-2),
+}
+
+
+def rand(*shape, dtype=torch.float32, device="cpu", generator=None, scale=1.0):
+    """Standard normal values rounded to `dtype` (generated in float64 first)."""
+    x = torch.randn(*shape, dtype=torch.float64, generator=generator) * scale
+    return x.to(device=device, dtype=dtype)
+
+
+def padding_mask(batch, seq_len, *, fully_masked_row=None, device="cpu", generator=None):
+    """Right-padded bool mask with random lengths in [1, L]; optionally one row all False."""
+    lengths = torch.randint(1, seq_len + 1, (batch,), generator=generator)
+    mask = torch.arange(seq_len)[None, :] < lengths[:, None]
+    if fully_masked_row is not None:
+        mask[fully_masked_row] = False
+    return mask.to(device)
+
+
+def assert_close(actual, expected, dtype, *, grad=False, name="output"):
+    atol, rtol = (GRAD_TOLERANCES if grad else TOLERANCES)[dtype]
+    actual = actual.detach().to(torch.float64).cpu()
+    expected = expected.detach().to(torch.float64).cpu()
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    assert torch.isfinite(actual).all() == torch.isfinite(expected).all(), f"{name}: non-finite"
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")

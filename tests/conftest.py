@@ -1,0 +1,55 @@
+"""Test setup: Triton's interpreter without a GPU, a ``gpu`` marker, fresh seeds."""
+
+import os
+import random
+
+import pytest
+import torch
+
+# Must happen before any Triton kernel is defined (kernel modules are imported lazily).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def seed(request):
+    """A fresh random seed per test (reported on failure); torch/random are seeded with it.
+
+    Set FASTENCDEC_TEST_SEED to replay a failure.
+    """
+    value = int(os.environ.get("FASTENCDEC_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    torch.manual_seed(value)
+    random.seed(value)
+    request.node.user_properties.append(("seed", value))
+    return value
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        seeds = [v for k, v in item.user_properties if k == "seed"]
+        if seeds:
+            report.sections.append(
+                ("fastencdec seed", f"replay with FASTENCDEC_TEST_SEED={seeds[0]}")
+            )
+
+
+@pytest.fixture
+def backend(monkeypatch):
+    """Force a backend for one test: ``backend("triton")``."""
+
+    def force(name: str):
+        monkeypatch.setenv("FASTENCDEC_BACKEND", name)
+
+    return force
