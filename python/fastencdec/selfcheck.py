@@ -16,7 +16,11 @@ from . import ops, reference
 from .ops import dispatch
 
 # (atol, rtol) per compute dtype when a kernel is compared with the float64 reference.
-TOLERANCES = {torch.float32: (2e-4, 2e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (5e-2, 5e-2)}
+TOLERANCES = {
+    torch.float32: (2e-4, 2e-4),
+    torch.float16: (2e-2, 2e-2),
+    torch.bfloat16: (5e-2, 5e-2),
+}
 
 
 @contextlib.contextmanager
@@ -34,7 +38,8 @@ def forced(backend: str):
 
 def _cases(device, dtype, gen):
     def rnd(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+        x = torch.randn(*shape, generator=gen, dtype=torch.float64)
+        return x.to(device=device, dtype=dtype)
 
     b, lq, lk, hq, hkv, d = 2, 37, 45, 6, 3, 64
     q, k, v = rnd(b, lq, hq, d), rnd(b, lq, hkv, d), rnd(b, lq, hkv, d)
@@ -72,8 +77,9 @@ def run(device: str = "cpu", verbose: bool = True) -> bool:
                 if verbose:
                     print(f"  {backend:<9} {op:<18} (no kernel yet: reference path)")
                 continue
-            ref = getattr(reference, op)(*[a.double() if torch.is_tensor(a) and a.is_floating_point()
-                                            else a for a in args], **kwargs)
+            ref_args = [a.double() if torch.is_tensor(a) and a.is_floating_point() else a
+                        for a in args]
+            ref = getattr(reference, op)(*ref_args, **kwargs)
             with forced(backend), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 out = getattr(ops, op)(*args, **kwargs)

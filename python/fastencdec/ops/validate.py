@@ -91,7 +91,9 @@ def key_padding_mask(mask, batch: int, seq_len: int, device, name="key_padding_m
     if mask is None:
         return
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{name} must be a bool torch.Tensor [batch, seq], got {type(mask).__name__}")
+        raise TypeError(
+            f"{name} must be a bool torch.Tensor [batch, seq], got {type(mask).__name__}"
+        )
     if mask.dtype != torch.bool:
         raise TypeError(f"{name} must have dtype torch.bool (True = real token), got {mask.dtype}")
     if tuple(mask.shape) != (batch, seq_len):
@@ -111,14 +113,17 @@ def positions(pos, batch: int, seq_len: int, device, name="positions") -> None:
         return
     if not isinstance(pos, torch.Tensor):
         raise TypeError(
-            f"{name} must be an int offset or an integer tensor [batch, seq], got {type(pos).__name__}"
+            f"{name} must be an int offset or an integer tensor [batch, seq], "
+            f"got {type(pos).__name__}"
         )
     if pos.dtype not in INDEX_DTYPES:
         raise TypeError(f"{name} must have dtype int32 or int64, got {pos.dtype}")
     if pos.dim() == 0:
         return
     if tuple(pos.shape) != (batch, seq_len):
-        raise ValueError(f"{name} must be a scalar or have shape [{batch}, {seq_len}], got {_shape(pos)}")
+        raise ValueError(
+            f"{name} must be a scalar or have shape [{batch}, {seq_len}], got {_shape(pos)}"
+        )
     if pos.device != device:
         raise ValueError(f"{name} is on {pos.device}, expected {device}")
 

@@ -26,11 +26,17 @@ def _expand_kv(x: torch.Tensor, n_q_heads: int) -> torch.Tensor:
 def attention_with_mask(q, k, v, allowed: torch.Tensor, scale: float | None) -> torch.Tensor:
     """Softmax attention where ``allowed`` (bool, broadcastable to ``[B, Lq, Lk]``) says
     which keys each query may see. A query with no allowed key returns zeros and
-    passes zero gradient (never NaN)."""
+    passes zero gradient (never NaN); keys that no query may see are not read."""
     out_dtype = q.dtype
     compute = torch.promote_types(q.dtype, torch.float32)
     head_dim = q.shape[-1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    allowed = allowed.expand(q.shape[0], q.shape[1], k.shape[1])
+    # Keys no query may see (padding, cache rows past the length) are never read:
+    # whatever they hold (NaN from an uninitialised cache) must not reach the output.
+    key_used = allowed.any(dim=1)[:, :, None, None]  # [B, Lk, 1, 1]
+    k = torch.where(key_used, k, torch.zeros((), dtype=k.dtype, device=k.device))
+    v = torch.where(key_used, v, torch.zeros((), dtype=v.dtype, device=v.device))
     qh = q.to(compute).transpose(1, 2)  # [B, H, Lq, D]
     kh = _expand_kv(k, q.shape[2]).to(compute).transpose(1, 2)
     vh = _expand_kv(v, q.shape[2]).to(compute).transpose(1, 2)

@@ -1,0 +1,1 @@
+"""Training: data alignment for distillation, tokenizer, data, trainers."""
