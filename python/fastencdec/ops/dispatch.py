@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -66,7 +66,7 @@ def forced_backend() -> str | None:
     return value
 
 
-@lru_cache(maxsize=None)
+@cache
 def triton_usable(device_type: str) -> bool:
     """Triton runs on CUDA, or on the CPU under its interpreter (TRITON_INTERPRET=1)."""
     try:
@@ -78,7 +78,7 @@ def triton_usable(device_type: str) -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@lru_cache(maxsize=None)
+@cache
 def cpp_usable() -> bool:
     try:
         from fastencdec import _C  # noqa: F401
