@@ -6,7 +6,7 @@ reference; ``FASTENCDEC_BACKEND=reference|triton|cpp`` forces one.
 """
 
 from .attention import append_kv_cache, cross_attention, decode_attention, self_attention
-from .distill import distill_loss, distill_loss_from_logits
+from .distill import distill_loss, distill_loss_from_logits, distill_loss_from_teacher_hidden
 from .rope import apply_rope
 
 __all__ = [
@@ -17,4 +17,5 @@ __all__ = [
     "apply_rope",
     "distill_loss",
     "distill_loss_from_logits",
+    "distill_loss_from_teacher_hidden",
 ]

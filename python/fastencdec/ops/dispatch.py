@@ -30,10 +30,13 @@ KERNELS: dict[str, dict[str, str]] = {
     "apply_rope": {"cpp": "fastencdec.ops.cpp_rope:apply_rope"},
     "self_attention": {},
     "cross_attention": {},
-    "decode_attention": {},
-    "append_kv_cache": {},
-    "distill_loss": {},
-    "distill_loss_from_logits": {},
+    "decode_attention": {"triton": "fastencdec.ops.triton_decode:decode_attention"},
+    "append_kv_cache": {"triton": "fastencdec.ops.triton_decode:append_kv_cache"},
+    "distill_loss": {"triton": "fastencdec.ops.triton_distill:distill_loss"},
+    "distill_loss_from_logits": {
+        "triton": "fastencdec.ops.triton_distill:distill_loss_from_logits"},
+    "distill_loss_from_teacher_hidden": {
+        "triton": "fastencdec.ops.triton_distill:distill_loss_from_teacher_hidden"},
 }
 
 REFERENCE = {
@@ -44,6 +47,8 @@ REFERENCE = {
     "append_kv_cache": "fastencdec.reference.attention:append_kv_cache",
     "distill_loss": "fastencdec.reference.distill:distill_loss",
     "distill_loss_from_logits": "fastencdec.reference.distill:distill_loss_from_logits",
+    "distill_loss_from_teacher_hidden":
+        "fastencdec.reference.distill:distill_loss_from_teacher_hidden",
 }
 
 # Backends that can compute gradients (the C++ kernels are forward-only).

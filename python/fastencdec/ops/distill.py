@@ -108,3 +108,52 @@ def distill_loss_from_logits(
         fallback_reason=("float64 inputs have no kernel"
                          if student_logits.dtype == torch.float64 else None),
     )
+
+
+def distill_loss_from_teacher_hidden(
+    student_hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    divergence: str = "reverse_kl",
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """:func:`distill_loss` with the teacher's LM head fused in too: the teacher logits
+    ``teacher_hidden [N, d_t] @ teacher_head_weight[V_t, d_t].T`` are computed per chunk
+    and never stored whole. No gradient flows to the teacher."""
+    validate.tensor("student_hidden", student_hidden, ndim=2, layout="[N, d_model]")
+    validate.tensor("lm_head_weight", lm_head_weight, ndim=2, layout="[vocab, d_model]")
+    validate.tensor("teacher_hidden", teacher_hidden, ndim=2, layout="[N, teacher_d_model]")
+    validate.tensor("teacher_head_weight", teacher_head_weight, ndim=2,
+                    layout="[teacher_vocab, teacher_d_model]")
+    validate.same_device(student_hidden=student_hidden, lm_head_weight=lm_head_weight,
+                         teacher_hidden=teacher_hidden, teacher_head_weight=teacher_head_weight)
+    validate.same_dtype(student_hidden=student_hidden, lm_head_weight=lm_head_weight)
+    validate.same_dtype(teacher_hidden=teacher_hidden, teacher_head_weight=teacher_head_weight)
+    n_rows = student_hidden.shape[0]
+    validate.dim_equals("lm_head_weight", lm_head_weight, 1, student_hidden.shape[1], "d_model")
+    validate.dim_equals("teacher_hidden", teacher_hidden, 0, n_rows, "rows")
+    validate.dim_equals("teacher_head_weight", teacher_head_weight, 1, teacher_hidden.shape[1],
+                        "d_model (teacher)")
+    validate.nonempty("lm_head_weight", lm_head_weight, (0,), "vocabulary")
+    validate.nonempty("teacher_head_weight", teacher_head_weight, (0,), "vocabulary")
+    _check_common(labels, n_rows, student_hidden.device, alpha, temperature, divergence,
+                  ignore_index)
+    _check_labels_range(labels, lm_head_weight.shape[0], ignore_index)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
+    has_f64 = torch.float64 in (student_hidden.dtype, teacher_hidden.dtype)
+    return dispatch.call(
+        "distill_loss_from_teacher_hidden", student_hidden, lm_head_weight, teacher_hidden,
+        teacher_head_weight, labels,
+        alpha=alpha, temperature=temperature, divergence=divergence,
+        ignore_index=ignore_index, chunk_size=chunk_size,
+        device=student_hidden.device,
+        needs_grad=dispatch.needs_grad(student_hidden, lm_head_weight),
+        fallback_reason="float64 inputs have no kernel" if has_f64 else None,
+    )

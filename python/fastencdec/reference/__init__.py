@@ -5,7 +5,7 @@ every Triton and C++ kernel is tested against.
 """
 
 from .attention import append_kv_cache, cross_attention, decode_attention, self_attention
-from .distill import distill_loss, distill_loss_from_logits
+from .distill import distill_loss, distill_loss_from_logits, distill_loss_from_teacher_hidden
 from .rope import apply_rope, rope_base
 
 __all__ = [
@@ -17,4 +17,5 @@ __all__ = [
     "rope_base",
     "distill_loss",
     "distill_loss_from_logits",
+    "distill_loss_from_teacher_hidden",
 ]

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["distill_loss", "distill_loss_from_logits", "DIVERGENCES"]
+__all__ = ["distill_loss", "distill_loss_from_logits", "distill_loss_from_teacher_hidden",
+           "DIVERGENCES"]
 
 DIVERGENCES = ("reverse_kl", "forward_kl")
 
@@ -86,4 +87,33 @@ def distill_loss(
         temperature=temperature,
         divergence=divergence,
         ignore_index=ignore_index,
+    )
+
+
+def distill_loss_from_teacher_hidden(
+    student_hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    divergence: str = "reverse_kl",
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Teacher logits are ``teacher_hidden [N, d_t] @ teacher_head_weight[V_t, d_t].T``
+    (no gradient flows to the teacher); then :func:`distill_loss`."""
+    teacher_logits = teacher_hidden.detach() @ teacher_head_weight.detach().t()
+    return distill_loss(
+        student_hidden,
+        lm_head_weight,
+        teacher_logits,
+        labels,
+        alpha=alpha,
+        temperature=temperature,
+        divergence=divergence,
+        ignore_index=ignore_index,
+        chunk_size=chunk_size,
     )
