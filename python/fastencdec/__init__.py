@@ -1,7 +1,16 @@
 """fastencdec: kernels and a thin PyTorch layer for small encoder-decoder LMs."""
 
 from . import ops, reference
+from .models import DecoderOnlyConfig, DecoderOnlyLM, EncDecConfig, EncoderDecoderLM
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "reference", "__version__"]
+__all__ = [
+    "ops",
+    "reference",
+    "EncDecConfig",
+    "DecoderOnlyConfig",
+    "EncoderDecoderLM",
+    "DecoderOnlyLM",
+    "__version__",
+]

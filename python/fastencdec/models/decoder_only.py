@@ -1,0 +1,97 @@
+"""The decoder-only baseline of the paper's comparisons (DESIGN §1): the same
+pre-norm blocks (causal self-attention with RoPE + MLP), no cross-attention.
+
+Left-padded prompts are supported: positions count real tokens only
+(``cumsum(mask) - 1``) and padded keys are masked, so a row's result does not
+depend on its padding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..generation.decoder_only import generate
+from . import inputs
+from .config import DecoderOnlyConfig
+from .layers import Block, RMSNorm, init_weights
+from .outputs import IGNORE_INDEX, LMOutput, lm_loss
+from .pretrained import PretrainedMixin
+
+
+class DecoderOnlyLM(PretrainedMixin, nn.Module):
+    """``forward`` for training/scoring, ``hidden_states`` for the final hidden states,
+    ``generate`` (see :func:`fastencdec.generation.decoder_only.generate`)."""
+
+    config_class = DecoderOnlyConfig
+
+    def __init__(self, config: DecoderOnlyConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, causal=True) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.apply(init_weights)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def hidden_states(self, input_ids, attention_mask=None) -> torch.Tensor:
+        """Final hidden states ``[B, L, d]`` (after the final norm). Padding may be on
+        either side; padded positions' states are meaningless."""
+        ids = inputs.token_ids("input_ids", input_ids, self.config.vocab_size)
+        return self._hidden(ids, inputs.attention_mask("attention_mask", attention_mask, ids))
+
+    def _hidden(self, ids, mask):
+        positions = None if mask is None else (mask.long().cumsum(1) - 1).clamp(min=0)
+        x = self.embed(ids)
+        for block in self.layers:
+            x = block(x, key_padding_mask=mask, positions=positions)
+        return self.norm(x)
+
+    def forward(self, input_ids, attention_mask=None, labels=None) -> LMOutput:
+        """Logits ``[B, L, vocab]``; with ``labels`` ``[B, L]`` the mean CE of predicting
+        ``labels[:, t + 1]`` from position ``t`` (shifted here, as in most causal-LM
+        code); -100 and padded positions are ignored."""
+        ids = inputs.token_ids("input_ids", input_ids, self.config.vocab_size)
+        mask = inputs.attention_mask("attention_mask", attention_mask, ids)
+        if labels is not None:
+            labels = inputs.labels("labels", labels, ids.shape, self.config.vocab_size)
+        logits = self.lm_head(self._hidden(ids, mask))
+        loss = None
+        if labels is not None:
+            if mask is not None:
+                labels = labels.masked_fill(~mask, IGNORE_INDEX)
+            loss = lm_loss(logits[:, :-1], labels[:, 1:])
+        return LMOutput(logits=logits, loss=loss)
+
+    # -- cached decoding (used by generate) ----------------------------------------------
+    def prefill(self, input_ids, attention_mask, cache) -> torch.Tensor:
+        """Run prompts ``[B, L]`` whose real tokens come first (right padding;
+        ``attention_mask`` None = none), filling cache rows ``0..L-1`` (of ``n`` copies
+        per prompt when the cache holds ``n * B`` rows). Returns each prompt's
+        next-token logits ``[B, vocab]`` (at its last real token)."""
+        x = self.embed(input_ids)
+        for i, block in enumerate(self.layers):
+            k_cache, v_cache = cache.layer(i)
+            x = block.prefill(x, attention_mask, k_cache, v_cache)
+        if attention_mask is None:
+            last = x[:, -1]
+        else:
+            last_index = attention_mask.long().sum(1) - 1
+            last = x[torch.arange(x.shape[0], device=x.device), last_index]
+        return self.lm_head(self.norm(last))
+
+    def decode_step(self, tokens, cache) -> torch.Tensor:
+        """Feed ``tokens`` ``[R, T]`` at positions ``cache.lens[r] + t``; returns the last
+        position's logits ``[R, vocab]``. ``cache.lens`` is advanced by the caller."""
+        x = self.embed(tokens)
+        for i, block in enumerate(self.layers):
+            k_cache, v_cache = cache.layer(i)
+            x = block.step(x, k_cache, v_cache, cache.lens)
+        return self.lm_head(self.norm(x[:, -1]))
+
+    generate = generate

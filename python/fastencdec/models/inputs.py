@@ -1,0 +1,81 @@
+"""Checks on what callers pass to models and ``generate``: clear errors naming the argument."""
+
+from __future__ import annotations
+
+import torch
+
+from .outputs import IGNORE_INDEX
+
+_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def _values_readable(t: torch.Tensor) -> bool:
+    # Reading values syncs with the GPU: skipped while a CUDA graph is captured.
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def token_ids(name: str, ids, vocab_size: int) -> torch.Tensor:
+    """``ids``: integer ``[batch, seq]`` with batch, seq >= 1 and values in ``[0, vocab_size)``."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(
+            f"{name} must be an integer torch.Tensor [batch, seq], got {type(ids).__name__}")
+    if ids.dtype not in _INT_DTYPES:
+        raise TypeError(f"{name} must have an integer dtype, got {ids.dtype}")
+    if ids.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [batch, seq], got shape {list(ids.shape)}")
+    if ids.shape[0] == 0:
+        raise ValueError(f"{name} has an empty batch (shape {list(ids.shape)})")
+    if ids.shape[1] == 0:
+        raise ValueError(f"{name} has no tokens (shape {list(ids.shape)})")
+    if _values_readable(ids):
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(
+                f"{name} values must lie in [0, vocab_size={vocab_size}), got [{lo}, {hi}]"
+            )
+    return ids.long()
+
+
+def attention_mask(name: str, mask, ids: torch.Tensor) -> torch.Tensor | None:
+    """``mask``: None, or bool / 0-1 integers of ``ids``' shape (True = real token)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor [batch, seq], got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(ids.shape):
+        raise ValueError(f"{name} must have the shape of its ids {list(ids.shape)}, "
+                         f"got {list(mask.shape)}")
+    if mask.device != ids.device:
+        raise ValueError(f"{name} is on {mask.device} but its ids are on {ids.device}")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.dtype not in _INT_DTYPES:
+        raise TypeError(f"{name} must be bool or 0/1 integers, got {mask.dtype}")
+    if _values_readable(mask) and mask.numel() and ((mask != 0) & (mask != 1)).any():
+        raise ValueError(f"{name} must hold only 0 and 1")
+    return mask.bool()
+
+
+def labels(name: str, lab, ids_shape, vocab_size: int) -> torch.Tensor:
+    """``lab``: integer tensor of shape ``ids_shape`` (None: any 2-D), values in
+    ``[0, vocab)`` or -100."""
+    if not isinstance(lab, torch.Tensor) or lab.dtype not in _INT_DTYPES:
+        raise TypeError(f"{name} must be an integer torch.Tensor")
+    if ids_shape is None:
+        if lab.dim() != 2 or 0 in lab.shape:
+            raise ValueError(f"{name} must be 2-D [batch, seq] and non-empty, "
+                             f"got shape {list(lab.shape)}")
+    elif tuple(lab.shape) != tuple(ids_shape):
+        raise ValueError(f"{name} must have shape {list(ids_shape)}, got {list(lab.shape)}")
+    lab = lab.long()
+    if _values_readable(lab):
+        real = lab[lab != IGNORE_INDEX]
+        if real.numel() and (int(real.min()) < 0 or int(real.max()) >= vocab_size):
+            raise ValueError(f"{name} values must lie in [0, vocab_size={vocab_size}) or be "
+                             f"{IGNORE_INDEX}, got [{int(real.min())}, {int(real.max())}]")
+    return lab
+
+
+def same_batch(name: str, t: torch.Tensor, batch: int) -> None:
+    if t.shape[0] != batch:
+        raise ValueError(f"{name} has batch {t.shape[0]}, expected {batch}")

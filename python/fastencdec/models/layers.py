@@ -1,0 +1,222 @@
+"""Building blocks (DESIGN §1): RMSNorm, the two MLPs, attention modules, blocks.
+
+The attention math (RoPE, GQA, masking, KV caches) lives in ``fastencdec.ops``;
+modules here only project, reshape to ``[batch, seq, heads, head_dim]`` and call
+the ops, so every backend (Triton, C++, reference) runs the same model.
+Each attention module has a training/full-sequence ``forward`` and the cached
+variants generation needs (``prefill``/``step`` for self-attention,
+``project_kv`` + ``forward`` on precomputed K/V for cross-attention).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from .config import _CommonConfig
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x) * weight``, computed in fp32 for half-precision activations
+    (float64 stays float64)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        compute = torch.promote_types(x.dtype, torch.float32)
+        xc = x.to(compute)
+        xc = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xc * self.weight.to(compute)).to(x.dtype)
+
+
+class GeluMLP(nn.Module):
+    """``fc2(GELU_tanh(fc1(x)))`` with biases (the reference checkpoint's MLP)."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, d_ff)
+        self.fc2 = nn.Linear(d_ff, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))``, no biases."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.gate = nn.Linear(d_model, d_ff, bias=False)
+        self.up = nn.Linear(d_model, d_ff, bias=False)
+        self.down = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def make_mlp(config: _CommonConfig) -> nn.Module:
+    return (GeluMLP if config.mlp == "gelu" else SwiGLU)(config.d_model, config.d_ff)
+
+
+class _Attention(nn.Module):
+    """q/k/v/out projections for ``n_heads`` query heads sharing ``n_kv_heads`` K/V heads."""
+
+    def __init__(self, config: _CommonConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = config.n_heads, config.n_kv_heads
+        self.head_dim = config.head_dim
+        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        bias = config.attn_bias
+        self.q_proj = nn.Linear(config.d_model, q_width, bias=bias)
+        self.k_proj = nn.Linear(config.d_model, kv_width, bias=bias)
+        self.v_proj = nn.Linear(config.d_model, kv_width, bias=bias)
+        self.out_proj = nn.Linear(q_width, config.d_model, bias=bias)
+
+    def _heads(self, x: torch.Tensor, n_heads: int) -> torch.Tensor:
+        return x.view(x.shape[0], x.shape[1], n_heads, self.head_dim)  # [B, L, H, D]
+
+    def _out(self, o: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(o.reshape(o.shape[0], o.shape[1], self.n_heads * self.head_dim))
+
+
+class SelfAttention(_Attention):
+    """Self-attention with RoPE on q and k (bidirectional in the encoder, causal in decoders)."""
+
+    def __init__(self, config: _CommonConfig, causal: bool):
+        super().__init__(config)
+        self.causal = causal
+        self.rope = dict(
+            rope_theta=config.rope_theta,
+            rope_scaling_factor=config.rope_scaling_factor,
+            max_position_embeddings=config.max_position_embeddings,
+        )
+
+    def _qkv(self, x):
+        return (self._heads(self.q_proj(x), self.n_heads),
+                self._heads(self.k_proj(x), self.n_kv_heads),
+                self._heads(self.v_proj(x), self.n_kv_heads))
+
+    def forward(self, x, key_padding_mask=None, positions=None) -> torch.Tensor:
+        """Full sequence ``x`` ``[B, L, d]``; ``positions`` int ``[B, L]`` or None (0..L-1)."""
+        q, k, v = self._qkv(x)
+        o = ops.self_attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
+                               positions=positions, **self.rope)
+        return self._out(o)
+
+    def prefill(self, x, key_padding_mask, k_cache, v_cache) -> torch.Tensor:
+        """Causal attention over a prompt ``[B, L, d]`` at positions 0..L-1 (real tokens
+        first, padding after), writing the rotated keys and the values into cache rows
+        ``0..L-1``. The caches may hold ``n * B`` rows (``n`` return sequences per prompt,
+        row ``b * n + i``): the prompt's K/V are broadcast into each row's copy."""
+        q, k, v = self._qkv(x)
+        o = ops.self_attention(q, k, v, causal=True, key_padding_mask=key_padding_mask,
+                               positions=0, **self.rope)
+        k_rot = ops.apply_rope(k, 0, self.rope["rope_theta"], self.rope["rope_scaling_factor"],
+                               self.rope["max_position_embeddings"])
+        batch, seq_len = x.shape[0], x.shape[1]
+        per_prompt = k_cache.shape[0] // batch
+        cache_shape = (batch, per_prompt) + tuple(k_cache.shape[1:])
+        k_cache.view(cache_shape)[:, :, :seq_len] = k_rot.unsqueeze(1).to(k_cache.dtype)
+        v_cache.view(cache_shape)[:, :, :seq_len] = v.unsqueeze(1).to(v_cache.dtype)
+        return self._out(o)
+
+    def step(self, x, k_cache, v_cache, cache_seqlens) -> torch.Tensor:
+        """``T`` new tokens ``[B, T, d]`` per row at positions ``cache_seqlens[b] + t``:
+        append their K/V to the static caches and attend over everything cached so far.
+        ``cache_seqlens`` is not advanced here (all layers share it)."""
+        q, k, v = self._qkv(x)
+        q = ops.append_kv_cache(q, k, v, k_cache, v_cache, cache_seqlens, rope=True, **self.rope)
+        o = ops.decode_attention(q, k_cache, v_cache, cache_seqlens + x.shape[1])
+        return self._out(o)
+
+
+class CrossAttention(_Attention):
+    """Decoder queries attend to the final encoder states (no RoPE, no causality)."""
+
+    def project_kv(self, encoder_states: torch.Tensor):
+        """Encoder K/V ``[B, Lx, Hkv, D]``: computed once per input during generation."""
+        return (self._heads(self.k_proj(encoder_states), self.n_kv_heads),
+                self._heads(self.v_proj(encoder_states), self.n_kv_heads))
+
+    def forward(self, x, k, v, encoder_mask=None) -> torch.Tensor:
+        """``x`` ``[R, T, d]`` where ``R`` is a multiple ``n * B`` of the encoder batch
+        ``B`` (row ``b * n + i`` reads input ``b``). With ``n > 1`` the ``n`` rows of one
+        input are folded into its query-length axis (a free view: ``[n * B, T, H, D]`` ->
+        ``[B, n * T, H, D]``), legal because cross-attention has no causality; so the
+        encoder K/V are never copied per return sequence."""
+        q = self._heads(self.q_proj(x), self.n_heads)
+        rows, t_new = q.shape[0], q.shape[1]
+        batch = k.shape[0]
+        if rows % batch:
+            raise ValueError(f"cross-attention: {rows} decoder rows is not a multiple of the "
+                             f"encoder batch {batch}")
+        q = q.reshape(batch, (rows // batch) * t_new, self.n_heads, self.head_dim)
+        o = ops.cross_attention(q, k, v, key_padding_mask=encoder_mask)
+        return self._out(o.reshape(rows, t_new, self.n_heads, self.head_dim))
+
+
+class Block(nn.Module):
+    """Pre-norm self-attention + MLP: an encoder layer (bidirectional) or a
+    decoder-only layer (causal)."""
+
+    def __init__(self, config: _CommonConfig, causal: bool):
+        super().__init__()
+        self.norm1 = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = SelfAttention(config, causal=causal)
+        self.norm2 = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = make_mlp(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, key_padding_mask=None, positions=None):
+        x = x + self.dropout(self.attn(self.norm1(x), key_padding_mask, positions))
+        return x + self.dropout(self.mlp(self.norm2(x)))
+
+    def prefill(self, x, key_padding_mask, k_cache, v_cache):
+        x = x + self.attn.prefill(self.norm1(x), key_padding_mask, k_cache, v_cache)
+        return x + self.mlp(self.norm2(x))
+
+    def step(self, x, k_cache, v_cache, cache_seqlens):
+        x = x + self.attn.step(self.norm1(x), k_cache, v_cache, cache_seqlens)
+        return x + self.mlp(self.norm2(x))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm causal self-attention, cross-attention to the encoder, MLP."""
+
+    def __init__(self, config: _CommonConfig):
+        super().__init__()
+        self.norm1 = RMSNorm(config.d_model, config.norm_eps)
+        self.self_attn = SelfAttention(config, causal=True)
+        self.norm2 = RMSNorm(config.d_model, config.norm_eps)
+        self.cross_attn = CrossAttention(config)
+        self.norm3 = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = make_mlp(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, encoder_states, encoder_mask=None, decoder_mask=None):
+        x = x + self.dropout(self.self_attn(self.norm1(x), decoder_mask))
+        k, v = self.cross_attn.project_kv(encoder_states)
+        x = x + self.dropout(self.cross_attn(self.norm2(x), k, v, encoder_mask))
+        return x + self.dropout(self.mlp(self.norm3(x)))
+
+    def step(self, x, k_cache, v_cache, cache_seqlens, cross_k, cross_v, encoder_mask=None):
+        x = x + self.self_attn.step(self.norm1(x), k_cache, v_cache, cache_seqlens)
+        x = x + self.cross_attn(self.norm2(x), cross_k, cross_v, encoder_mask)
+        return x + self.mlp(self.norm3(x))
+
+
+def init_weights(module: nn.Module) -> None:
+    """Normal(0, 0.02) weights and zero biases (the reference's init); norms start at 1."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    elif isinstance(module, RMSNorm):
+        nn.init.ones_(module.weight)
