@@ -1,8 +1,61 @@
 // Declarations of the per-ISA CPU kernels. Each kernel source in kernels/ is
 // compiled once per ISA into namespace fastencdec::cpu::<isa>; dispatch.h picks one.
+// The problem structs are plain data shared by every ISA; the bindings fill and
+// check them (shapes, dtypes, index ranges) before a kernel sees them.
 #pragma once
 
 #include <cstdint>
+
+namespace fastencdec::cpu {
+
+// Element type of q/k/v/caches/outputs in memory; compute is always fp32.
+enum class Storage : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+// Softmax attention of q [B, Lq, Hq, D] against k/v [B, Lk, Hkv, D] (all in one
+// storage dtype, C-contiguous), output [B, Lq, Hq, D]. Query head h reads K/V head
+// h / (Hq / Hkv). Key j is visible to query t of batch row b when
+//   j < len_b (len_b = kv_seqlens[b], or Lk without it),
+//   key_mask[b, j] (when given), and
+//   j <= t + len_b - Lq (when causal: bottom-right aligned, = j <= t for Lq == Lk).
+// A query with no visible key gets 0.
+struct AttentionProblem {
+  Storage storage = Storage::kF32;
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* out = nullptr;
+  int64_t batch = 0, q_len = 0, kv_len = 0, q_heads = 0, kv_heads = 0, head_dim = 0;
+  const bool* key_mask = nullptr;       // [B, Lk] or null
+  const int64_t* kv_seqlens = nullptr;  // [B], values in [0, Lk], or null
+  bool causal = false;
+  float scale = 1.f;
+  // Fused RoPE on q and k (self-attention, Lq == Lk): token positions
+  // [pos_batch, Lq] with pos_batch 1 (shared) or B; inv_freq [D / 2]. Null: no RoPE.
+  const int64_t* positions = nullptr;
+  int64_t pos_batch = 0;
+  const double* inv_freq = nullptr;
+  int num_threads = 1;
+};
+
+// One decode step's cache update: rotate q [B, T, Hq, D] and k [B, T, Hkv, D] at
+// positions cache_seqlens[b] + t (when inv_freq is set), write rotated q to q_out and
+// k, v into rows cache_seqlens[b] + t of k_cache/v_cache [B, Lmax, Hkv, D].
+// Requires cache_seqlens[b] + T <= Lmax.
+struct KvAppendProblem {
+  Storage storage = Storage::kF32;
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* q_out = nullptr;  // null: q is not needed (no RoPE)
+  void* k_cache = nullptr;
+  void* v_cache = nullptr;
+  const int64_t* cache_seqlens = nullptr;
+  int64_t batch = 0, new_len = 0, q_heads = 0, kv_heads = 0, head_dim = 0, max_len = 0;
+  const double* inv_freq = nullptr;  // [D / 2]; null: no RoPE
+  int num_threads = 1;
+};
+
+}  // namespace fastencdec::cpu
 
 #define FED_DECLARE_KERNELS(NS)                                                          \
   namespace fastencdec::cpu::NS {                                                        \
@@ -11,6 +64,10 @@
   void rope_apply(const float* x, float* out, const int64_t* positions,                  \
                   const double* inv_freq, int64_t rows, int64_t heads, int64_t head_dim,  \
                   int num_threads);                                                      \
+  /* Self-, cross- and cache-decode attention (AttentionProblem). */                     \
+  void attention_forward(const AttentionProblem& problem);                               \
+  /* RoPE + KV-cache append (KvAppendProblem). */                                        \
+  void kv_cache_append(const KvAppendProblem& problem);                                  \
   }
 
 FED_DECLARE_KERNELS(scalar)

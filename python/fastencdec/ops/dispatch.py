@@ -29,13 +29,17 @@ ENV_VAR = "FASTENCDEC_BACKEND"
 KERNELS: dict[str, dict[str, str]] = {
     "apply_rope": {"cpp": "fastencdec.ops.cpp_rope:apply_rope"},
     "self_attention": {
-        "triton": "fastencdec.ops.triton_attention:self_attention"},
+        "triton": "fastencdec.ops.triton_attention:self_attention",
+        "cpp": "fastencdec.ops.cpp_attention:self_attention"},
     "cross_attention": {
-        "triton": "fastencdec.ops.triton_attention:cross_attention"},
+        "triton": "fastencdec.ops.triton_attention:cross_attention",
+        "cpp": "fastencdec.ops.cpp_attention:cross_attention"},
     "decode_attention": {
-        "triton": "fastencdec.ops.triton_decode:decode_attention"},
+        "triton": "fastencdec.ops.triton_decode:decode_attention",
+        "cpp": "fastencdec.ops.cpp_attention:decode_attention"},
     "append_kv_cache": {
-        "triton": "fastencdec.ops.triton_decode:append_kv_cache"},
+        "triton": "fastencdec.ops.triton_decode:append_kv_cache",
+        "cpp": "fastencdec.ops.cpp_attention:append_kv_cache"},
     "distill_loss": {"triton": "fastencdec.ops.triton_distill:distill_loss"},
     "distill_loss_from_logits": {
         "triton": "fastencdec.ops.triton_distill:distill_loss_from_logits"},
