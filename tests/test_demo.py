@@ -1,0 +1,95 @@
+"""The demo end to end in its reduced mode, and the train / generate / bench commands."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from fastencdec import cli
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models: threads only add overhead (and thrash on a busy machine)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_demo_quick_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--quick", "--device", "cpu", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "self-check: all kernels agree" in text  # info + self-check kept at the start
+    for name in ("teacher: decoder-only", "encoder-decoder, CE", "encoder-decoder, distilled",
+                 "decoder-only, CE", "chance", "first token (ms)", "loss curves:"):
+        assert name in text
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["runs"]) == {"teacher: decoder-only", "encoder-decoder, CE",
+                                    "encoder-decoder, distilled", "decoder-only, CE"}
+    for run in results["runs"].values():
+        assert 0.0 <= run["em"] <= 1.0 and len(run["losses"]) == 30
+        assert run["losses"][-1] < run["losses"][0]
+    for r in results["speed"].values():
+        assert r["first_token_ms"] > 0 and r["tokens_per_s"] > 0
+    png = out / "loss_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "models" / "encoder-decoder-distilled" / "tokenizer.model").is_file()
+
+
+def test_train_and_generate_commands(tmp_path, capsys):
+    from fastencdec.data import SyntheticQA
+
+    data = tmp_path / "qa.jsonl"
+    task = SyntheticQA(facts=(2, 3), fillers=(0, 1))
+    data.write_text("\n".join(json.dumps({"question": e["question"], "context": e["context"],
+                                          "answer": e["target"]})
+                              for e in task.generate(64)))
+    run = {
+        "task": "finetune",
+        "output_dir": str(tmp_path / "run"),
+        "tokenizer": {"train": {"vocab_size": 200, "num_sentinels": 2, "model_type": "bpe"}},
+        "model": {"preset": "tiny"},
+        "data": {"train": str(data), "format": "qa", "batch_size": 8,
+                 "max_source_len": 128, "max_target_len": 8},
+        "training": {"max_steps": 3, "warmup_steps": 1, "progress": False, "save_every": 2},
+    }
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps(run))
+    assert cli.main(["train", "--config", str(config), "--device", "cpu"]) == 0
+    model_dir = tmp_path / "run" / "model"
+    assert (model_dir / "config.json").is_file() and (model_dir / "tokenizer.model").is_file()
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == [
+        "latest", "step_00000002", "step_00000003"]
+    # resuming a finished run does nothing more
+    run["training"]["max_steps"] = 4
+    config.write_text(json.dumps(run))
+    assert cli.main(["train", "--config", str(config), "--device", "cpu", "--resume",
+                     "auto"]) == 0
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["step"] == 4
+    capsys.readouterr()
+    assert cli.main(["generate", "--model", str(model_dir), "--prompt", "Where does Maria live?",
+                     "--context", "Maria lives in Lisbon.", "--max-new-tokens", "3",
+                     "--device", "cpu"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
+
+
+def test_run_config_errors_name_the_key(tmp_path):
+    from fastencdec.training.run_config import load_run_file, run_training
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"task": "finetune", "modle": {}}))
+    with pytest.raises(ValueError, match="modle"):
+        load_run_file(bad)
+    with pytest.raises(ValueError, match="output_dir"):
+        run_training({"task": "finetune", "data": {"train": "x"}})
+    with pytest.raises(ValueError, match="unknown training options"):
+        run_training({"output_dir": str(tmp_path), "training": {"steps": 3}})
+
+
+def test_bench_unknown_name_lists_what_exists(capsys):
+    assert cli.main(["bench", "no-such-benchmark"]) == 2
+    assert "no benchmark named 'no-such-benchmark'" in capsys.readouterr().err
