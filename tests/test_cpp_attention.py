@@ -238,7 +238,7 @@ def test_multithreaded_equals_single(isa, cpp, seed, threads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
-def test_nan_propagates(isa, cpp):
+def test_nan_propagates(isa, cpp, seed):
     q = torch.randn(2, 70, 4, 32)
     k = torch.randn(2, 70, 2, 32)
     v = torch.randn(2, 70, 2, 32)
@@ -263,7 +263,7 @@ def test_nan_propagates(isa, cpp):
     assert dec[1].isfinite().all()  # row 1 does not see key 7
 
 
-def test_fully_masked_rows_are_zero(isa, cpp):
+def test_fully_masked_rows_are_zero(isa, cpp, seed):
     q, k, v = torch.randn(2, 9, 4, 32), torch.randn(2, 9, 4, 32), torch.randn(2, 9, 4, 32)
     mask = torch.zeros(2, 9, dtype=torch.bool)
     mask[0, 4] = True
@@ -291,7 +291,7 @@ def test_dispatch_uses_cpp(cpp):
         assert dispatch.get_impl(op, cpu) is getattr(cpp_attention, op)
 
 
-def test_float64_falls_back_to_reference(cpp, monkeypatch):
+def test_float64_falls_back_to_reference(cpp, monkeypatch, seed):
     q = torch.randn(1, 5, 2, 8, dtype=torch.float64)
     k = torch.randn(1, 5, 1, 8, dtype=torch.float64)
     v = torch.randn(1, 5, 1, 8, dtype=torch.float64)
@@ -302,7 +302,7 @@ def test_float64_falls_back_to_reference(cpp, monkeypatch):
     torch.testing.assert_close(out, reference.self_attention(q, k, v, causal=True))
 
 
-def test_noncontiguous_cache_append_falls_back(cpp, monkeypatch):
+def test_noncontiguous_cache_append_falls_back(cpp, monkeypatch, seed):
     q, k, v = torch.randn(1, 1, 2, 8), torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
     big = torch.zeros(1, 10, 2, 8)
     k_cache, v_cache = big[:, :, :1], big[:, :, 1:]
@@ -405,7 +405,7 @@ def test_c_bad_inputs_raise():
                            None, False, 100.0, "float32", 1)
 
 
-def test_bf16_storage_views():
+def test_bf16_storage_views(seed):
     """bf16/fp16 arrive as uint16 bit views; outputs are written in that dtype."""
     q = torch.randn(1, 3, 2, 16, dtype=torch.bfloat16)
     k, v = torch.randn(1, 3, 1, 16, dtype=torch.bfloat16), torch.randn(1, 3, 1, 16,
