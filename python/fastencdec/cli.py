@@ -44,7 +44,8 @@ def cmd_demo(args) -> int:
     rc = rc or cmd_selfcheck(args)
     print()
     settings = DemoSettings.for_mode(quick=args.quick, size=args.size, device=args.device,
-                                     out_dir=args.out, seed=args.seed, steps=args.steps)
+                                     out_dir=args.out, seed=args.seed, steps=args.steps,
+                                     threads=args.threads)
     result = run_demo(settings)
     return rc or (0 if result["ok"] else 1)
 
@@ -120,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default=None, help="folder for the plot and metrics "
                                                  "(default: ./fastencdec-demo)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--threads", type=int, default=None,
+                      help="CPU threads for torch (default: torch's; 1 is steadier on a busy "
+                           "machine)")
 
     train = sub.add_parser("train", help="pretrain / finetune / distill from a run config")
     train.add_argument("--config", required=True, help="run config (.yaml, .yml or .json)")

@@ -62,30 +62,34 @@ class DemoSettings:
     # None: as many as the decoder-only student)
     teacher_layers: int | None = None
     # training
-    steps: int = 350
-    teacher_steps: int = 400
+    steps: int = 300
+    teacher_steps: int = 350
     batch_size: int = 32
-    lr: float = 3e-3
+    lr: float = 6e-3
     alpha: float = 0.5
     temperature: float = 1.0
     # wall-clock guard for slow machines: training stops early past this many seconds
     # in total (shared among the four models in proportion to their steps x cost)
-    train_budget_s: float | None = 210.0
+    train_budget_s: float | None = 250.0
+    threads: int | None = None  # torch CPU threads (None: torch's default)
     # generation benchmark
     gen_new_tokens: int = 32
     gen_repeats: int = 7
 
     @classmethod
     def for_mode(cls, *, quick: bool = False, size: str = "small", device: str | None = None,
-                 out_dir: str | None = None, seed: int = 0,
-                 steps: int | None = None) -> DemoSettings:
-        """``small`` fits a 2-core CPU in about 3 minutes; ``quick`` is the CI smoke run;
+                 out_dir: str | None = None, seed: int = 0, steps: int | None = None,
+                 threads: int | None = None) -> DemoSettings:
+        """``small`` takes about 3 minutes on a 2-core CPU (at most about 5: past
+        ``train_budget_s`` training stops early); ``quick`` is the CI smoke run (< 1 minute);
         ``medium``/``large`` are wider, longer runs meant for a GPU."""
         if size not in ("small", "medium", "large"):
             raise ValueError(f"size must be 'small', 'medium' or 'large', got {size!r}")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        s = cls(device=device, seed=seed, out_dir=out_dir or "fastencdec-demo")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        s = cls(device=device, seed=seed, out_dir=out_dir or "fastencdec-demo", threads=threads)
         if size == "medium":
             s.__dict__.update(
                 d_model=256, d_ff=768, n_encoder_layers=4, n_decoder_layers=2,
@@ -163,7 +167,7 @@ def generation_speed(model, input_ids: torch.Tensor, *, new_tokens: int, repeats
 
 def plot_losses(train: dict[str, list[float]], held_out: dict[str, list[tuple[int, float]]],
                 path: str, title: str) -> str | None:
-    """Two panels: each run's training objective per step (faint) with a moving average,
+    """Two panels: each run's training objective per step (faint) with a moving median,
     and its held-out cross-entropy (comparable across runs: the distilled student's
     objective also holds a KL term). None without matplotlib."""
     try:
@@ -178,11 +182,9 @@ def plot_losses(train: dict[str, list[float]], held_out: dict[str, list[tuple[in
     for (name, losses), color in zip(train.items(), colors, strict=False):
         steps = range(1, len(losses) + 1)
         left.plot(steps, losses, color=color, alpha=0.2, linewidth=0.8)
-        window = max(len(losses) // 25, 1)
-        smooth = []
-        for i in range(len(losses)):
-            recent = losses[max(0, i - window + 1):i + 1]
-            smooth.append(sum(recent) / len(recent))
+        window = max(len(losses) // 25, 1)  # a moving median: robust to single spikes
+        smooth = [statistics.median(losses[max(0, i - window + 1):i + 1])
+                  for i in range(len(losses))]
         left.plot(steps, smooth, color=color, linewidth=2, label=name)
         points = held_out.get(name, [])
         right.plot([p[0] for p in points], [p[1] for p in points], color=color, linewidth=2,
@@ -262,9 +264,13 @@ def run_demo(s: DemoSettings) -> dict:
 
     t_start = time.perf_counter()
     device = torch.device(s.device)
+    if s.threads is not None:
+        torch.set_num_threads(s.threads)
     os.makedirs(s.out_dir, exist_ok=True)
     torch.manual_seed(s.seed)
-    print(f"== fastencdec demo on {device} (out: {os.path.abspath(s.out_dir)})")
+    print(f"== fastencdec demo on {device}"
+          + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
+          + f", output in {os.path.abspath(s.out_dir)}")
 
     # 1. data + tokenizer
     task = SyntheticQA(kind=s.kind, facts=s.facts, fillers=s.fillers, relations=s.relations,
