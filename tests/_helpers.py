@@ -49,3 +49,15 @@ def assert_close(actual, expected, dtype, *, grad=False, name="output"):
     assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
     assert torch.isfinite(actual).all() == torch.isfinite(expected).all(), f"{name}: non-finite"
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+def randomize(model, std=0.3, embed_std=0.1):
+    """Larger-than-init random weights, so outputs depend visibly on every input and
+    greedy decoding rarely settles into repeating one token."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, embed_std if name.startswith("embed") else std)
+    return model.eval()

@@ -53,3 +53,13 @@ def backend(monkeypatch):
         monkeypatch.setenv("FASTENCDEC_BACKEND", name)
 
     return force
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: each op is microseconds of work, so a second thread only adds its
+    synchronisation (which costs milliseconds on a loaded machine)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

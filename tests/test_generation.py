@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _helpers import randomize
 from fastencdec import DecoderOnlyConfig, DecoderOnlyLM, EncDecConfig, EncoderDecoderLM, ops
 from fastencdec.generation import StaticKVCache, filter_top_k, filter_top_p
 from fastencdec.generation import decoder_only as gen_decoder_only
@@ -17,26 +18,9 @@ VOCAB = TINY.vocab_size
 NO_EOS = ()  # eos_token_id=() never stops early
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: each op is microseconds of work, so a second thread only adds its
-    synchronisation (which costs milliseconds on a loaded machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def randomize(model, std=0.3, embed_std=0.1):
-    """Larger-than-init random weights, so outputs depend visibly on every input and
-    greedy decoding rarely settles into repeating one token."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, embed_std if name.startswith("embed") else std)
-    return model.eval()
 
 
 @pytest.fixture

@@ -10,32 +10,16 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from _helpers import randomize
 from fastencdec import DecoderOnlyConfig, DecoderOnlyLM, EncDecConfig, EncoderDecoderLM
 from fastencdec.models import ops_backend, size_decoder_only_to, size_encdec_to_budget
 
 TINY = EncDecConfig.preset("tiny")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: each op is microseconds of work, so a second thread only adds its
-    synchronisation (which costs milliseconds on a loaded machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def randomize(model, std=0.3, embed_std=0.1):
-    """Larger-than-init random weights, so outputs depend visibly on every input and
-    greedy decoding rarely settles into repeating one token."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, embed_std if name.startswith("embed") else std)
-    return model.eval()
 
 
 def tiny_models(**changes):
