@@ -20,14 +20,7 @@ from fastencdec.convert import import_mu_checkpoint
 DIMS = dict(vocab=300, d=64, n_enc=2, n_dec=2, n_heads=6, n_kv=3, head_dim=32, d_ff=96)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: each op is microseconds of work, so a second thread only adds its
-    synchronisation (which costs milliseconds on a loaded machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_state_dict(gen: torch.Generator, dims=DIMS) -> dict[str, torch.Tensor]:

@@ -4,18 +4,10 @@ import json
 import os
 
 import pytest
-import torch
 
 from fastencdec import cli
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: threads only add overhead (and thrash on a busy machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_demo_quick_end_to_end(tmp_path, capsys):

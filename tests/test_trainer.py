@@ -31,13 +31,7 @@ from fastencdec.training import (
 VOCAB = 64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: threads only add overhead (and thrash on a busy machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_encdec(seed=0, **changes):
