@@ -4,18 +4,71 @@
 :class:`DecoderOnlyLM`. Both share every width; only the layer counts differ.
 ``num_parameters()`` counts parameters analytically (no tensors are built), so a
 330M-parameter configuration can be sized and checked anywhere.
+
+A configuration cannot hold a value of the wrong type or range: every field is
+checked at construction (and again by ``replace``). ints are ints (not bools, not
+``12.0``, not ``"12"``), floats are finite numbers, bools are bools (``"false"`` is
+refused, not read as truthy). ``from_dict``/``load`` are the inverse of
+``to_dict``/``save``: every field and the ``architecture`` must be present, so an
+empty or partial ``config.json`` is refused instead of being completed with
+mu-330m's defaults (build partial configs with ``preset(name).replace(...)``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 MLP_KINDS = ("gelu", "swiglu")
+# Every int field (widths, counts, ids, context length) must fit the int32 indices the
+# kernels use; anything larger is a corrupted or hostile config, not a model.
+MAX_INT = 2**31 - 1
+# A config.json is a few hundred bytes; refusing huge files bounds the work of a load.
+MAX_CONFIG_FILE_BYTES = 1 << 20
+
+
+def _check_type(name: str, kind: str, value) -> Any:
+    """``value`` as field ``name`` of annotation ``kind``, or a ValueError naming it."""
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be a bool (true/false), got {value!r} "
+                             f"({type(value).__name__})")
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+        value = int(value)
+        if abs(value) > MAX_INT:
+            raise ValueError(f"{name} must be at most {MAX_INT} in magnitude, got {value}")
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+        return value
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a string, got {value!r} ({type(value).__name__})")
+        return value
+    raise TypeError(f"config field {name} has an unsupported annotation {kind!r}")
+
+
+def _no_duplicate_keys(pairs):
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"field {key!r} appears twice")
+        seen[key] = value
+    return seen
 
 
 @dataclass
@@ -44,12 +97,15 @@ class _CommonConfig:
     _layer_fields: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
+        # Types first (and normalise: 10000 -> 10000.0, numpy ints -> int), then ranges.
+        for f in dataclasses.fields(self):
+            kind = getattr(f.type, "__name__", f.type)  # the annotation (a string here)
+            setattr(self, f.name, _check_type(f.name, kind, getattr(self, f.name)))
         positive = ("vocab_size", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff",
                     "max_position_embeddings") + self._layer_fields
         for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
@@ -64,12 +120,14 @@ class _CommonConfig:
             raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
         if not self.rope_scaling_factor >= 1.0:
             raise ValueError(f"rope_scaling_factor must be >= 1, got {self.rope_scaling_factor}")
+        if self.rope_scaling_factor > 1.0 and self.head_dim <= 2:
+            # The NTK base exponent is head_dim / (head_dim - 2).
+            raise ValueError(f"rope_scaling_factor > 1 (dynamic NTK) needs head_dim > 2, "
+                             f"got head_dim={self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name} must be an int, got {value!r}")
             if not 0 <= value < self.vocab_size:
                 raise ValueError(
                     f"{name} must lie in [0, vocab_size={self.vocab_size}), got {value}")
@@ -79,15 +137,26 @@ class _CommonConfig:
         return {"architecture": self.architecture, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]):
+    def from_dict(cls, data: Mapping[str, Any]):
+        """The inverse of :meth:`to_dict`: ``architecture`` and every field required."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a model config must be a JSON object / dict of "
+                             f"{cls.__name__} fields, got {type(data).__name__}")
         data = dict(data)
-        arch = data.pop("architecture", cls.architecture)
+        if "architecture" not in data:
+            raise ValueError(f"config has no 'architecture' field (expected "
+                             f"{cls.architecture!r}); a saved config names every field")
+        arch = data.pop("architecture")
         if arch != cls.architecture:
             raise ValueError(f"config describes a {arch!r} model, not {cls.architecture!r}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        fields = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(fields), key=str)
         if unknown:
             raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
+        missing = [name for name in fields if name not in data]
+        if missing:
+            raise ValueError(f"config lacks the fields {missing}; a saved config names every "
+                             f"field (none is filled in from a preset)")
         return cls(**data)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -103,11 +172,32 @@ class _CommonConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike):
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        """Read a file written by :meth:`save`; every error names ``path``."""
+        path = Path(path)
+        size = path.stat().st_size  # FileNotFoundError names the path
+        if size > MAX_CONFIG_FILE_BYTES:
+            raise ValueError(f"{path}: {size} bytes is too large for a model config "
+                             f"(at most {MAX_CONFIG_FILE_BYTES})")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 text ({err})") from err
+        try:
+            data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: invalid JSON: {err}") from err
+        except ValueError as err:  # a duplicate key
+            raise ValueError(f"{path}: {err}") from err
+        try:
+            return cls.from_dict(data)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
 
     def replace(self, **changes):
         """A copy with some fields changed (validated again)."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"unknown {type(self).__name__} fields: {unknown}")
         return dataclasses.replace(self, **changes)
 
     # -- analytic parameter counts -------------------------------------------------------
@@ -212,4 +302,4 @@ ENCDEC_PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
-__all__ = ["EncDecConfig", "DecoderOnlyConfig", "ENCDEC_PRESETS", "MLP_KINDS"]
+__all__ = ["EncDecConfig", "DecoderOnlyConfig", "ENCDEC_PRESETS", "MLP_KINDS", "MAX_INT"]

@@ -3,14 +3,22 @@
 Nothing pickled is ever read. Tied weights are stored once (the LM head is
 re-tied on load). Each file is written to a temporary name, flushed to disk and
 renamed into place, so a crash mid-write leaves the previous file intact.
+
+Loading cannot be silently wrong: before any module is built or any tensor read,
+the config is checked against the safetensors header (names, shapes, dtypes), so
+a config whose layer counts or widths do not match the file fails at once naming
+the field or tensor, whatever size it claims. A stored LM head is never thrown
+away: a config that says tied while the file holds a different head is refused.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -18,12 +26,108 @@ from .backend import ops_backend
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+# safetensors dtype names a model's weights may have.
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 
 def _replace_atomically(tmp: Path, final: Path) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, final)
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{name: (dtype, shape)}`` from a safetensors file's header (no tensor data read)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {name: (f.get_slice(name).get_dtype(), tuple(f.get_slice(name).get_shape()))
+                    for name in f.keys()}
+    except SafetensorError as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
+
+
+def _layer_lists(model: nn.Module, config) -> dict[str, str]:
+    """``{ModuleList name: config field}`` for a model built with layer field ``j`` set
+    to ``j + 1`` layers (so each list's length names its field)."""
+    fields = type(config)._layer_fields
+    lists = {}
+    for name, child in model.named_children():
+        if isinstance(child, nn.ModuleList) and 1 <= len(child) <= len(fields):
+            lists[name] = fields[len(child) - 1]
+    if sorted(lists.values()) != sorted(fields):
+        raise RuntimeError(f"{type(model).__name__}: cannot match its layer lists to {fields}")
+    return lists
+
+
+def _shape(shape) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def check_weights_header(model_cls, config, header: dict[str, tuple[str, tuple[int, ...]]],
+                         weights: str, config_name: str = CONFIG_NAME) -> None:
+    """Check ``header`` (see :func:`read_safetensors_header`) against what ``model_cls(config)``
+    holds, without building it: a model with one or two layers per stack is built on
+    the ``meta`` device for the per-layer names and shapes, so the work is bounded by
+    the file's header, never by the layer counts ``config`` claims."""
+    counts = {field: j + 1 for j, field in enumerate(config._layer_fields)}
+    with torch.device("meta"):
+        small = model_cls(config.replace(**counts))
+    lists = _layer_lists(small, config)
+    params = small.state_dict(keep_vars=True)
+    first_name = {}  # a tied parameter's first name: lm_head.weight -> embed.weight
+    for name, p in params.items():
+        first_name.setdefault(id(p), name)
+    aliases = {name for name, p in params.items() if first_name[id(p)] != name}
+
+    layer_key = re.compile(r"(\w+)\.(\d+)\.(.+)")
+    top, per_layer = {}, {lst: {} for lst in lists}
+    for name, p in params.items():
+        m = layer_key.fullmatch(name)
+        if m and m.group(1) in lists:
+            if m.group(2) == "0":
+                per_layer[m.group(1)][m.group(3)] = (tuple(p.shape), p.is_floating_point())
+        else:
+            top[name] = (tuple(p.shape), p.is_floating_point())
+
+    # Layer counts first: a config claiming 20,000 layers fails here, in microseconds.
+    held = {lst: set() for lst in lists}
+    for name in header:
+        m = layer_key.fullmatch(name)
+        if m and m.group(1) in lists:
+            held[m.group(1)].add(int(m.group(2)))
+    for lst, field in lists.items():
+        want = getattr(config, field)
+        indices = sorted(held[lst])
+        gap = next((i for i, index in enumerate(indices) if index != i), None)
+        if len(indices) != want or gap is not None:
+            detail = "" if gap is None else f" (numbered with a gap: layer {gap} is absent)"
+            raise ValueError(f"{config_name} says {field}={want} but {weights} holds "
+                             f"{len(indices)} {lst} layer(s){detail}")
+
+    expected = dict(top)
+    for lst, names in per_layer.items():
+        for i in range(getattr(config, lists[lst])):
+            expected.update({f"{lst}.{i}.{rest}": shape for rest, shape in names.items()})
+    extra = [name for name in header if name not in expected]
+    if extra:
+        raise ValueError(f"{weights} holds tensors that the {model_cls.__name__} described by "
+                         f"{config_name} does not have: {extra[:8]}")
+    for name, (want_shape, floating) in expected.items():  # model order: embed.weight first
+        if name not in header:
+            continue
+        dtype, shape = header[name]
+        if floating and dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{weights}: tensor {name!r} has dtype {dtype}; expected one of "
+                             f"{sorted(FLOAT_DTYPES)}")
+        if shape != want_shape:
+            raise ValueError(f"{weights}: tensor {name!r} has shape {_shape(shape)} but "
+                             f"{config_name} implies {_shape(want_shape)}")
+    missing = [name for name in expected if name not in header and name not in aliases]
+    if missing:
+        hint = ""
+        if "lm_head.weight" in missing and not config.tie_embeddings:
+            hint = f" ({config_name} says tie_embeddings=false, so the LM head must be stored)"
+        raise ValueError(f"{weights} lacks the tensors {missing[:8]}{hint}")
 
 
 class PretrainedMixin:
@@ -59,26 +163,61 @@ class PretrainedMixin:
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, device=None, dtype=None):
         """Load a directory written by ``save_pretrained`` (weights keep their stored
-        dtype unless ``dtype`` is given). The model is built on the ``meta`` device
-        and the stored tensors are assigned, so nothing is initialised twice."""
+        dtype unless ``dtype``, a floating torch dtype, is given). The config is checked
+        against the weights' header first; then the model is built on the ``meta``
+        device and the stored tensors are assigned, so nothing is initialised twice."""
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
         directory = Path(directory)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory / name} not found (not a saved model?)")
-        config = cls.config_class.load(directory / CONFIG_NAME)
-        state = load_file(str(directory / WEIGHTS_NAME), device=str(device or "cpu"))
+        config_path, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        config = cls.config_class.load(config_path)
+        check_weights_header(cls, config, read_safetensors_header(weights), str(weights),
+                             str(config_path))
+        try:
+            state = load_file(str(weights), device=str(device or "cpu"))
+        except SafetensorError as err:
+            raise ValueError(f"{weights}: cannot read the tensors ({err})") from err
         if dtype is not None:
             state = {k: v.to(dtype) for k, v in state.items()}
         with torch.device("meta"):
             model = cls(config)
-        return model.load_weights(state, source=str(directory))
+        return model.load_weights(state, source=str(weights))
 
     def load_weights(self, state: dict[str, torch.Tensor], *, source: str = "state dict"):
-        """Assign ``state``'s tensors as this model's parameters (strict: every
-        parameter present, no extras; a tied LM head may be absent) and re-tie."""
+        """Assign ``state``'s tensors as this model's parameters and re-tie.
+
+        Strict: every parameter present with its shape, floating point, no extras. A
+        tied parameter's second name (the LM head of a tied model) may be absent; if
+        present it must equal the first, or the load is refused rather than dropping it.
+        """
+        params = self.state_dict(keep_vars=True)
+        first_name = {}
+        for name, p in params.items():
+            first_name.setdefault(id(p), name)
+        state = dict(state)
+        for name, tensor in list(state.items()):
+            if name not in params:
+                continue
+            if not isinstance(tensor, torch.Tensor) or (
+                    params[name].is_floating_point() and not tensor.is_floating_point()):
+                raise ValueError(f"{source}: {name!r} must be a floating-point tensor, got "
+                                 f"{getattr(tensor, 'dtype', type(tensor).__name__)}")
+            if tuple(tensor.shape) != tuple(params[name].shape):
+                raise ValueError(f"{source}: tensor {name!r} has shape {_shape(tensor.shape)}, "
+                                 f"the model expects {_shape(params[name].shape)}")
+            original = first_name[id(params[name])]
+            if original != name:  # a tied alias: keep one copy, but never a different one
+                if original in state and not torch.equal(tensor, state[original]):
+                    raise ValueError(
+                        f"{source}: {name!r} differs from {original!r} but the config says "
+                        f"they are tied (tie_embeddings=true); refusing to discard the stored "
+                        f"{name!r} (was the model saved untied? set tie_embeddings to false)")
+                del state[name]
         result = nn.Module.load_state_dict(self, state, strict=False, assign=True)
-        missing = [k for k in result.missing_keys
-                   if not (k == "lm_head.weight" and self.config.tie_embeddings)]
+        missing = [k for k in result.missing_keys if first_name[id(params[k])] == k]
         if missing or result.unexpected_keys:
             raise ValueError(f"{source} does not match the model: missing {missing[:8]}, "
                              f"unexpected {result.unexpected_keys[:8]}")

@@ -14,10 +14,15 @@ import math
 
 from .config import DecoderOnlyConfig, EncDecConfig, _CommonConfig
 
+# The layer-count search tries every encoder depth that fits the budget; beyond this
+# many the request is not a model (and the search would take minutes), so it is refused.
+MAX_SEARCH_LAYERS = 100_000
+
 
 def _check_budget(n_params) -> int:
-    if isinstance(n_params, bool) or not isinstance(n_params, (int, float)) or n_params <= 0:
-        raise ValueError(f"n_params must be a positive number, got {n_params!r}")
+    if (isinstance(n_params, bool) or not isinstance(n_params, (int, float))
+            or not math.isfinite(n_params) or n_params <= 0):
+        raise ValueError(f"n_params must be a positive finite number, got {n_params!r}")
     return int(n_params)
 
 
@@ -37,8 +42,9 @@ def size_encdec_to_budget(
     ``|total / n_params - 1| + |encoder share - target share|``.
     """
     n_params = _check_budget(n_params)
-    if (len(split) != 2 or any(isinstance(s, bool) or not isinstance(s, (int, float)) or s <= 0
-                               for s in split)):
+    if (not isinstance(split, (tuple, list)) or len(split) != 2
+            or any(isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s)
+                   or s <= 0 for s in split)):
         raise ValueError(f"split must be two positive numbers (encoder, decoder), got {split!r}")
     target_share = split[0] / (split[0] + split[1])
     cfg = (base or EncDecConfig.preset("mu-330m")).replace(**overrides)
@@ -51,6 +57,11 @@ def size_encdec_to_budget(
             f"take {fixed:,} and one encoder + one decoder layer {p_enc + p_dec:,}"
         )
 
+    if layer_budget // p_enc > MAX_SEARCH_LAYERS:
+        raise ValueError(
+            f"n_params={n_params:,} would need more than {MAX_SEARCH_LAYERS:,} layers of these "
+            f"widths (one encoder layer holds {p_enc:,} parameters); widen the model"
+        )
     best = None
     for n_enc in range(1, layer_budget // p_enc + 2):
         # Candidate decoder depths: those that hit the total, and those that hit the share.
@@ -93,6 +104,9 @@ def size_decoder_only_to(
     per_layer = cfg.self_attention_layer_params()
     fixed = cfg.num_parameters() - cfg.n_layers * per_layer
     n_layers = max(1, round((n_params - fixed) / per_layer))
+    if n_layers > MAX_SEARCH_LAYERS:
+        raise ValueError(f"{n_params:,} parameters would need {n_layers:,} layers of these "
+                         f"widths (more than {MAX_SEARCH_LAYERS:,}); widen the model")
     result = cfg.replace(n_layers=n_layers)
     _check_tolerance(result.num_parameters(), n_params, tolerance)
     return result
