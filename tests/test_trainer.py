@@ -104,7 +104,7 @@ def test_train_config_errors_name_the_option():
         TrainConfig(task="rl")
     with pytest.raises(ValueError, match="grad_accum"):
         TrainConfig(grad_accum=0)
-    with pytest.raises(ValueError, match="unknown training options"):
+    with pytest.raises(ValueError, match="'learning_rate' \\(did you mean 'lr'\\?\\)"):
         TrainConfig.from_dict({"learning_rate": 1.0})
     with pytest.raises(ValueError, match="teacher"):
         Trainer(tiny_encdec(), TrainConfig(task="distill"), iter([]))

@@ -1,11 +1,86 @@
-"""Command line: ``fastencdec info | selfcheck | demo | train | generate | bench``."""
+"""Command line: ``fastencdec info | selfcheck | demo | train | eval | generate | bench``.
+
+Each subcommand is one entry of :data:`COMMANDS` (its arguments and its handler).
+A user error (missing file, bad config, bad value, no CUDA) prints one line on
+stderr and exits with 2; ``--debug`` shows the traceback instead. Argument ranges
+are checked before any work starts.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
+from typing import Callable
+
+EXIT_USAGE = 2
+
+
+class CommandError(Exception):
+    """A user error found by a command: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the usage block
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+# ---------------------------------------------------------------------- argument types
+def int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def float_in(low: float, high: float = math.inf, *, low_open: bool = True):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or (value <= low if low_open else value < low) \
+                or value > high:
+            bounds = f"{'(' if low_open else '['}{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must lie in {bounds}, got {text}")
+        return value
+    return parse
+
+
+def device_name(text: str) -> str:
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(
+                "CUDA is not available on this machine (no GPU, or torch "
+                f"{torch.__version__} was built without CUDA); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
+def _default_device(args) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _prefer_triton_interpreter() -> None:
@@ -17,6 +92,7 @@ def _prefer_triton_interpreter() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# ---------------------------------------------------------------------- commands
 def cmd_info(args) -> int:
     from .info import collect, format_info
 
@@ -25,11 +101,9 @@ def cmd_info(args) -> int:
 
 
 def cmd_selfcheck(args) -> int:
-    import torch
-
     from . import selfcheck
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _default_device(args)
     print(f"self-check on {device}: kernels vs fastencdec.reference (float64)")
     ok = selfcheck.run(device)
     print("self-check:", "all kernels agree with the reference" if ok else "MISMATCH")
@@ -39,40 +113,92 @@ def cmd_selfcheck(args) -> int:
 def cmd_demo(args) -> int:
     from .training.demo import DemoSettings, run_demo
 
+    settings = DemoSettings.for_mode(quick=args.quick, size=args.size, device=args.device,
+                                     out_dir=args.out, seed=args.seed, steps=args.steps,
+                                     threads=args.threads)
     rc = cmd_info(args)
     print()
     rc = rc or cmd_selfcheck(args)
     print()
-    settings = DemoSettings.for_mode(quick=args.quick, size=args.size, device=args.device,
-                                     out_dir=args.out, seed=args.seed, steps=args.steps,
-                                     threads=args.threads)
     result = run_demo(settings)
-    return rc or (0 if result["ok"] else 1)
+    return rc or result["exit_code"]
 
 
 def cmd_train(args) -> int:
     from .training.run_config import load_run_file, run_training
+    from .training.run_schema import apply_overrides
 
     run = load_run_file(args.config)
-    model_dir = run_training(run, resume=args.resume, device=args.device)
+    sets = list(args.set or [])
+    if args.max_steps is not None:
+        sets.append(f"training.max_steps={args.max_steps}")
+    if sets:
+        run = apply_overrides(run, sets)
+    model_dir = run_training(run, resume=args.resume, device=args.device,
+                             overwrite=args.overwrite, force_resume=args.force_resume,
+                             threads=args.threads)
     print(f"model saved to {model_dir}")
     return 0
 
 
+def cmd_eval(args) -> int:
+    import json
+
+    from .training.eval_run import evaluate_saved_model
+    from .training.threads import choose_threads, warn_if_oversubscribed
+
+    device = _default_device(args)
+    if device == "cpu":
+        threads, _ = choose_threads(args.threads, device=device, params=None)
+        warn_if_oversubscribed(threads)
+    result = evaluate_saved_model(args.model, args.data, fmt=args.format,
+                                  tokenizer=args.tokenizer, device=device,
+                                  max_examples=args.max_examples, batch_size=args.batch_size,
+                                  max_source_len=args.max_source_len,
+                                  max_new_tokens=args.max_new_tokens, split=args.split,
+                                  predictions=args.predictions)
+    print(f"{result['examples']} examples of {args.data} ({result['format']})")
+    for key in ("loss", "exact_match", "token_f1", "rouge_l"):
+        print(f"  {key:<12} {result[key]:.4f}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=1)
+        print(f"metrics written to {args.json}")
+    return 0
+
+
+def _to_inference(model, dtype: str):
+    try:
+        from .models.quantize import to_inference
+    except ImportError:
+        if dtype != "fp32":
+            raise CommandError(f"--dtype {dtype} is unavailable in this version of fastencdec "
+                               "(fastencdec.models.quantize is missing); use --dtype fp32"
+                               ) from None
+        return model
+    return to_inference(model, dtype)
+
+
 def cmd_generate(args) -> int:
-    import torch
-
-    from .data import Tokenizer, format_qa_prompt
+    from .data import format_qa_prompt, load_tokenizer
     from .training.run_config import load_pretrained
+    from .training.threads import choose_threads, warn_if_oversubscribed
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _default_device(args)
     model = load_pretrained(args.model, device=device)
-    tok_path = args.tokenizer or os.path.join(args.model, "tokenizer.model")
-    tok = Tokenizer.load(tok_path)
+    if device == "cpu":
+        threads, _ = choose_threads(args.threads, device=device, params=model.num_parameters())
+        warn_if_oversubscribed(threads)
+    model = _to_inference(model, args.dtype)
+    tok = load_tokenizer(args.tokenizer or args.model)
     prompts = args.prompt
     if args.context is not None:
         prompts = [format_qa_prompt(p, args.context) for p in prompts]
     batch = tok(prompts)
+    limit = model.config.max_position_embeddings
+    if batch["input_ids"].shape[1] > limit and model.config.rope_scaling_factor <= 1:
+        raise CommandError(f"--prompt is {batch['input_ids'].shape[1]} tokens long but the model "
+                           f"reads at most {limit} (max_position_embeddings)")
     out = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
                          max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -90,72 +216,183 @@ def _bench_dirs() -> list[str]:
 
 
 def cmd_bench(args) -> int:
-    dirs = [d for d in _bench_dirs() if os.path.isdir(d)]
+    import torch
+
+    dirs = list(dict.fromkeys(d for d in _bench_dirs() if os.path.isdir(d)))
+    if not dirs:
+        raise CommandError("the benchmarks are not installed with the package: run "
+                           "`fastencdec bench NAME` inside a source checkout of fastencdec "
+                           "(its bench/ folder), e.g. after `git clone` of the repository")
     for d in dirs:
         for name in (f"{args.name}.py", f"bench_{args.name}.py"):
             script = os.path.join(d, name)
             if os.path.isfile(script):
+                if not torch.cuda.is_available():
+                    print("note: no CUDA GPU here, so Triton kernels run under Triton's CPU "
+                          "interpreter: their timings mean nothing (a smoke run); the C++ CPU "
+                          "kernels' timings are real", file=sys.stderr)
                 return subprocess.call([sys.executable, script, *args.bench_args])
     available = sorted({f[:-3].removeprefix("bench_") for d in dirs for f in os.listdir(d)
                         if f.endswith(".py") and not f.startswith("_")})
-    where = ", ".join(dirs) or "no bench/ folder found (run from a source checkout)"
-    print(f"no benchmark named {args.name!r} in {where}; available: {available or 'none'}",
-          file=sys.stderr)
-    return 2
+    raise CommandError(f"no benchmark named {args.name!r} in {', '.join(dirs)}; available: "
+                       f"{', '.join(available) or 'none'}")
+
+
+# ---------------------------------------------------------------------- arguments
+def _device_arg(p, help_text="cpu or cuda (default: cuda if present)"):
+    p.add_argument("--device", type=device_name, default=None, help=help_text)
+
+
+def _threads_arg(p):
+    p.add_argument("--threads", type=int_at_least(1), default=None,
+                   help="CPU threads for torch (default: 1 for small models on the CPU, "
+                        "else torch's)")
+
+
+def args_selfcheck(p):
+    _device_arg(p)
+
+
+def args_demo(p):
+    p.add_argument("--quick", action="store_true", help="reduced run for CI (< 1 minute)")
+    _device_arg(p)
+    p.add_argument("--size", default="small", choices=("small", "medium", "large"),
+                   help="model and data size (medium/large are for GPUs)")
+    p.add_argument("--steps", type=int_at_least(1), default=None,
+                   help="training steps per model")
+    p.add_argument("--out", default=None, help="folder for the plot, models and results "
+                                               "(default: ./fastencdec-demo)")
+    p.add_argument("--seed", type=int_at_least(0), default=0)
+    _threads_arg(p)
+
+
+def args_train(p):
+    p.add_argument("--config", required=True, help="run config (.yaml, .yml or .json)")
+    p.add_argument("--resume", default=None,
+                   help="'auto' (the newest checkpoint in output_dir) or a checkpoint folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an output_dir that holds another run (its checkpoints, "
+                        "metrics and models are removed)")
+    p.add_argument("--force-resume", action="store_true",
+                   help="resume from a checkpoint written with a different configuration")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a run-config value (repeatable), e.g. training.lr=1e-3")
+    p.add_argument("--max-steps", type=int_at_least(1), default=None,
+                   help="shorthand for --set training.max_steps=N")
+    _device_arg(p)
+    _threads_arg(p)
+
+
+def args_eval(p):
+    p.add_argument("--model", required=True, help="folder written by save_pretrained / train")
+    p.add_argument("--data", required=True, help="held-out records (jsonl/json/csv/parquet "
+                                                 "file or a hub dataset)")
+    p.add_argument("--format", default=None, choices=("qa", "seq2seq"),
+                   help="how records hold inputs and answers (default: from the fields)")
+    p.add_argument("--split", default="validation", help="split of a hub dataset")
+    p.add_argument("--tokenizer", default=None, help="default: the one in --model")
+    p.add_argument("--max-examples", type=int_at_least(1), default=500)
+    p.add_argument("--batch-size", type=int_at_least(1), default=32)
+    p.add_argument("--max-source-len", type=int_at_least(1), default=None)
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=32)
+    p.add_argument("--predictions", default=None, help="write predictions (JSONL) here")
+    p.add_argument("--json", default=None, help="write the metrics (JSON) here")
+    _device_arg(p)
+    _threads_arg(p)
+
+
+def args_generate(p):
+    p.add_argument("--model", required=True, help="folder written by save_pretrained")
+    p.add_argument("--prompt", required=True, action="append",
+                   help="input text (repeat for a batch); a question with --context")
+    p.add_argument("--context", default=None,
+                   help="wrap each prompt as a question about this context (QA format)")
+    p.add_argument("--tokenizer", default=None, help="default: the one in --model")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=64)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy")
+    p.add_argument("--temperature", type=float_in(0.0, 1e4), default=1.0)
+    p.add_argument("--top-k", type=int_at_least(1), default=None)
+    p.add_argument("--top-p", type=float_in(0.0, 1.0), default=None)
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "int8"),
+                   help="inference weights (bf16/int8 via fastencdec.models.quantize)")
+    _device_arg(p)
+    _threads_arg(p)
+
+
+def args_bench(p):
+    p.add_argument("name", help="benchmark name (bench/NAME.py or bench/bench_NAME.py)")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to the script")
+
+
+@dataclass(frozen=True)
+class Command:
+    run: Callable
+    add_arguments: Callable | None
+    help: str
+
+
+COMMANDS: dict[str, Command] = {
+    "info": Command(cmd_info, None, "versions, compiled CPU ISA, Triton/CUDA, backend per op"),
+    "selfcheck": Command(cmd_selfcheck, args_selfcheck, "compare every kernel with the reference"),
+    "demo": Command(cmd_demo, args_demo, "the main job: train a teacher and encoder-decoder / "
+                                         "decoder-only students on a synthetic QA task, compare"),
+    "train": Command(cmd_train, args_train, "pretrain / finetune / distill from a run config"),
+    "eval": Command(cmd_eval, args_eval, "exact match, token F1, ROUGE-L and held-out loss of a "
+                                         "saved model"),
+    "generate": Command(cmd_generate, args_generate, "generate text with a saved model"),
+    "bench": Command(cmd_bench, args_bench, "run a benchmark script from bench/"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastencdec", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="versions, compiled CPU ISA, Triton/CUDA, backend per op")
-    check = sub.add_parser("selfcheck", help="compare every kernel with the reference")
-    check.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-
-    demo = sub.add_parser("demo", help="the main job: train a teacher and encoder-decoder / "
-                                       "decoder-only students on a synthetic QA task, compare")
-    demo.add_argument("--quick", action="store_true", help="reduced run for CI (< 1 minute)")
-    demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    demo.add_argument("--size", default="small", choices=("small", "medium", "large"),
-                      help="model and data size (medium/large are for GPUs)")
-    demo.add_argument("--steps", type=int, default=None, help="training steps per model")
-    demo.add_argument("--out", default=None, help="folder for the plot and metrics "
-                                                 "(default: ./fastencdec-demo)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--threads", type=int, default=None,
-                      help="CPU threads for torch (default: torch's; 1 is steadier on a busy "
-                           "machine)")
-
-    train = sub.add_parser("train", help="pretrain / finetune / distill from a run config")
-    train.add_argument("--config", required=True, help="run config (.yaml, .yml or .json)")
-    train.add_argument("--resume", default=None, help="'auto' or a checkpoint folder")
-    train.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-
-    gen = sub.add_parser("generate", help="generate text with a saved model")
-    gen.add_argument("--model", required=True, help="folder written by save_pretrained")
-    gen.add_argument("--prompt", required=True, action="append",
-                     help="input text (repeat for a batch); a question with --context")
-    gen.add_argument("--context", default=None,
-                     help="wrap each prompt as a question about this context (QA format)")
-    gen.add_argument("--tokenizer", default=None, help="default: MODEL/tokenizer.model")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--sample", action="store_true", help="sample instead of greedy")
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--top-p", type=float, default=None)
-    gen.add_argument("--device", default=None)
-
-    bench = sub.add_parser("bench", help="run a benchmark script from bench/")
-    bench.add_argument("name", help="benchmark name (bench/NAME.py or bench/bench_NAME.py)")
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to the script")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error")
+    parser = _Parser(prog="fastencdec", description=__doc__.split("\n")[0],
+                     parents=[common])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, parents=[common])
+        if command.add_arguments is not None:
+            command.add_arguments(p)
     return parser
+
+
+def _user_errors() -> tuple:
+    from .data.sources import DatasetUnavailableError
+    from .training.checkpoint import CheckpointWriteError
+
+    return (CommandError, ValueError, KeyError, FileNotFoundError, NotADirectoryError,
+            IsADirectoryError, PermissionError, ImportError, DatasetUnavailableError,
+            CheckpointWriteError)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    text = str(text).strip() or type(exc).__name__
+    return " ".join(text.split())
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _prefer_triton_interpreter()
-    handlers = {"info": cmd_info, "selfcheck": cmd_selfcheck, "demo": cmd_demo,
-                "train": cmd_train, "generate": cmd_generate, "bench": cmd_bench}
-    return handlers[args.command](args)
+    from .training.interrupt import TrainingInterrupted
+
+    try:
+        return COMMANDS[args.command].run(args)
+    except TrainingInterrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"fastencdec {args.command}: aborted", file=sys.stderr)
+        return 130
+    except _user_errors() as exc:
+        if args.debug:
+            raise
+        print(f"fastencdec {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

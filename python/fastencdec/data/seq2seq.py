@@ -14,6 +14,8 @@ __all__ = [
     "format_qa_prompt",
     "to_seq2seq",
     "qa_to_seq2seq",
+    "seq2seq_record",
+    "qa_record",
     "Seq2SeqEncoder",
 ]
 
@@ -38,30 +40,41 @@ def _first_answer(answer) -> str:
     return answer
 
 
+def seq2seq_record(rec: Mapping, *, source_field: str = "source",
+                   target_field: str = "target", index: int | None = None) -> dict:
+    """``{source, target}`` out of one record with other field names."""
+    for field in (source_field, target_field):
+        if field not in rec:
+            where = "a record" if index is None else f"record {index}"
+            raise KeyError(f"{where} has no field {field!r} (fields: {sorted(rec)})")
+    return {"source": str(rec[source_field]), "target": str(rec[target_field])}
+
+
+def qa_record(rec: Mapping, *, question_field: str = "question",
+              context_field: str = "context", answer_field: str = "answer",
+              index: int | None = None) -> dict:
+    """``{question, context, target}`` out of one QA record (the source is built at
+    encode time so that truncation can shorten the context only)."""
+    for field in (question_field, context_field, answer_field):
+        if field not in rec:
+            where = "a record" if index is None else f"record {index}"
+            raise KeyError(f"{where} has no field {field!r} (fields: {sorted(rec)})")
+    return {"question": str(rec[question_field]), "context": str(rec[context_field]),
+            "target": _first_answer(rec[answer_field])}
+
+
 def to_seq2seq(records: Iterable[Mapping], *, source_field: str = "source",
                target_field: str = "target") -> list[dict]:
     """Pick ``{source, target}`` out of records with other field names."""
-    out = []
-    for i, rec in enumerate(records):
-        for field in (source_field, target_field):
-            if field not in rec:
-                raise KeyError(f"record {i} has no field {field!r} (fields: {sorted(rec)})")
-        out.append({"source": str(rec[source_field]), "target": str(rec[target_field])})
-    return out
+    return [seq2seq_record(rec, source_field=source_field, target_field=target_field, index=i)
+            for i, rec in enumerate(records)]
 
 
 def qa_to_seq2seq(records: Iterable[Mapping], *, question_field: str = "question",
                   context_field: str = "context", answer_field: str = "answer") -> list[dict]:
-    """QA records -> ``{question, context, target}`` (the source is built at encode time
-    so that truncation can shorten the context only)."""
-    out = []
-    for i, rec in enumerate(records):
-        for field in (question_field, context_field, answer_field):
-            if field not in rec:
-                raise KeyError(f"record {i} has no field {field!r} (fields: {sorted(rec)})")
-        out.append({"question": str(rec[question_field]), "context": str(rec[context_field]),
-                    "target": _first_answer(rec[answer_field])})
-    return out
+    """QA records -> ``{question, context, target}`` (see :func:`qa_record`)."""
+    return [qa_record(rec, question_field=question_field, context_field=context_field,
+                      answer_field=answer_field, index=i) for i, rec in enumerate(records)]
 
 
 class Seq2SeqEncoder:

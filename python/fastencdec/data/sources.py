@@ -1,14 +1,18 @@
-"""Load raw records from local json / jsonl / csv / text files or a hub dataset name.
+"""Load raw records from local json / jsonl / csv / text / parquet files or a hub dataset.
 
-Everything goes through Hugging Face ``datasets`` (imported lazily, so fastencdec
-imports without it). A name that is not a local path is looked up on the hub when
-online, or in the local ``datasets`` cache; when neither works the error says so.
+Local JSON Lines, JSON, CSV and text files are read by :mod:`.files` (lazily, no
+extra package). Parquet files and hub dataset names go through Hugging Face
+``datasets`` (an optional extra, imported only then). A name that is not a local
+path is looked up on the hub when online, or in the local ``datasets`` cache; when
+neither works the error says so.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+
+from .files import READERS, open_records
 
 __all__ = ["load_records", "DatasetUnavailableError", "LOCAL_FORMATS"]
 
@@ -31,8 +35,9 @@ def _datasets():
     try:
         import datasets
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("loading data files needs the 'datasets' package: "
-                          "pip install datasets") from exc
+        raise ImportError("parquet files and hub datasets need the 'datasets' package: "
+                          "pip install 'fastencdec[data]' (or read JSONL/CSV/text files)"
+                          ) from exc
     return datasets
 
 
@@ -57,11 +62,13 @@ def load_records(
     cache_dir: str | None = None,
     streaming: bool = False,
 ):
-    """Records (dict per row) as a ``datasets.Dataset`` (indexable, ``len``-able).
+    """Records (dict per row): indexable, ``len``-able, iterable.
 
     ``source``: a local file, a list of local files of one format, a directory of
     such files, or a hub dataset name (``name`` = its configuration). Text files
-    give one record ``{"text": line}`` per line.
+    give one record ``{"text": line}`` per non-blank line. Local JSON/JSONL/CSV/text
+    files are read without ``datasets`` (``split``, ``cache_dir`` and ``streaming``
+    apply to parquet files and hub datasets only).
     """
     if isinstance(source, (str, os.PathLike)):
         source_list = [os.fspath(source)]
@@ -70,8 +77,6 @@ def load_records(
     else:
         raise TypeError("source must be a path, a list of paths or a dataset name, "
                         f"got {source!r}")
-    datasets = _datasets()
-
     local = [p for p in source_list if os.path.exists(p)]
     if local and len(local) != len(source_list):
         missing = sorted(set(source_list) - set(local))
@@ -87,14 +92,23 @@ def load_records(
         if not files:
             raise FileNotFoundError(f"no data files ({sorted(LOCAL_FORMATS)}) in {local}")
         builder = _builder_for(files)
+        for f in files:
+            if os.path.isfile(f) and os.path.getsize(f) == 0:
+                raise ValueError(f"data file {f} is empty")
+        if all(os.path.splitext(f)[1].lower() in READERS for f in files):
+            return open_records(files)
+        datasets = _datasets()
         return datasets.load_dataset(builder, data_files={split: files}, split=split,
                                      cache_dir=cache_dir, streaming=streaming)
 
     if len(source_list) != 1:
         raise FileNotFoundError(f"data files not found: {source_list}")
     hub_name = source_list[0]
-    if hub_name.startswith((".", "/", "~")) or os.sep in hub_name.strip("/").replace("/", "", 1):
+    looks_like_file = os.path.splitext(hub_name)[1].lower() in LOCAL_FORMATS
+    if (looks_like_file or hub_name.startswith((".", "/", "~"))
+            or os.sep in hub_name.strip("/").replace("/", "", 1)):
         raise FileNotFoundError(f"data file or directory not found: {hub_name}")
+    datasets = _datasets()
     try:
         return datasets.load_dataset(hub_name, name, split=split, cache_dir=cache_dir,
                                      streaming=streaming)

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-__all__ = ["Tokenizer", "sentinel_piece", "pad_sequences"]
+__all__ = ["Tokenizer", "TokenizerBase", "sentinel_piece", "pad_sequences"]
 
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -68,15 +68,148 @@ def pad_sequences(
     return ids, mask
 
 
-class Tokenizer:
+class TokenizerBase:
+    """What every tokenizer here offers (sentencepiece ``.model`` files and
+    ``tokenizer.json`` files alike): special ids, batch encode/decode with padding.
+
+    A subclass provides ``vocab_size``, ``pad_id``/``bos_id``/``eos_id``/``unk_id``,
+    ``id_to_piece``/``piece_to_id``, ``_encode_text``, ``_decode_ids`` and ``save``.
+    """
+
+    sentinel_ids: list[int]
+
+    def _find_sentinels(self) -> list[int]:
+        ids, i = [], 0
+        while True:
+            pid = self.piece_to_id(sentinel_piece(i))
+            if pid is None or pid < 0 or pid == self.unk_id or \
+                    self.id_to_piece(pid) != sentinel_piece(i):
+                return ids
+            ids.append(pid)
+            i += 1
+
+    @property
+    def num_sentinels(self) -> int:
+        return len(self.sentinel_ids)
+
+    def special_ids(self) -> set[int]:
+        return {i for i in (self.pad_id, self.bos_id, self.eos_id) if i is not None and i >= 0}
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def pieces(self) -> list[str]:
+        """The token string of every id (to compare two vocabularies)."""
+        return [self.id_to_piece(i) for i in range(self.vocab_size)]
+
+    # ----------------------------------------------------------------- encode
+    def encode(self, text: str | Sequence[str], *, add_bos: bool = False, add_eos: bool = False,
+               max_length: int | None = None):
+        """Ids of one string (``list[int]``) or of each string in a list.
+
+        ``max_length`` truncates on the right, keeping the EOS when ``add_eos``.
+        """
+        if isinstance(text, str):
+            return self._encode_one(text, add_bos, add_eos, max_length)
+        if not isinstance(text, Sequence):
+            raise TypeError(f"text must be a str or a sequence of str, got {type(text).__name__}")
+        return [self._encode_one(t, add_bos, add_eos, max_length) for t in text]
+
+    def _encode_one(self, text, add_bos, add_eos, max_length):
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        ids = self._encode_text(text)
+        if add_bos:
+            ids.insert(0, self.bos_id)
+        if max_length is not None:
+            if max_length < 1:
+                raise ValueError(f"max_length must be >= 1, got {max_length}")
+            keep = max_length - 1 if add_eos else max_length
+            ids = ids[:max(keep, 0)]
+        if add_eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def __call__(
+        self,
+        texts: str | Sequence[str],
+        *,
+        add_bos: bool = False,
+        add_eos: bool = False,
+        max_length: int | None = None,
+        padding: str = "longest",
+        padding_side: str = "right",
+        pad_to_multiple_of: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Batch-encode: ``{"input_ids": [B, L] int64, "attention_mask": [B, L] bool}``.
+
+        ``padding="longest"`` pads to the longest row; ``"max_length"`` to ``max_length``.
+        Rows longer than ``max_length`` are truncated.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        if padding not in ("longest", "max_length"):
+            raise ValueError(f"padding must be 'longest' or 'max_length', got {padding!r}")
+        if padding == "max_length" and max_length is None:
+            raise ValueError("padding='max_length' needs max_length")
+        seqs = self.encode(list(texts), add_bos=add_bos, add_eos=add_eos, max_length=max_length)
+        ids, mask = pad_sequences(seqs, self.pad_id, padding_side=padding_side,
+                                  max_length=max_length if padding == "max_length" else None,
+                                  pad_to_multiple_of=pad_to_multiple_of)
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def pad(self, sequences: Sequence[Sequence[int]], **kwargs) -> dict[str, torch.Tensor]:
+        ids, mask = pad_sequences(sequences, self.pad_id, **kwargs)
+        return {"input_ids": ids, "attention_mask": mask}
+
+    # ----------------------------------------------------------------- decode
+    def decode(self, ids, *, skip_special_tokens: bool = True, stop_at_eos: bool = True) -> str:
+        """Text of one id sequence (list or 1-D tensor).
+
+        ``stop_at_eos`` cuts at the first EOS; ``skip_special_tokens`` drops pad/bos/eos
+        (sentinels are kept: they carry meaning in span-corruption targets).
+        """
+        if isinstance(ids, torch.Tensor):
+            if ids.dim() != 1:
+                raise ValueError(f"decode takes one sequence [L], got shape {list(ids.shape)}; "
+                                 "use batch_decode")
+            ids = ids.tolist()
+        ids = [int(i) for i in ids]
+        if stop_at_eos and self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        if skip_special_tokens:
+            special = self.special_ids()
+            ids = [i for i in ids if i not in special]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"ids out of the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        return self._decode_ids(ids)
+
+    def batch_decode(self, batch, **kwargs) -> list[str]:
+        if isinstance(batch, torch.Tensor):
+            if batch.dim() != 2:
+                raise ValueError(f"batch_decode takes [B, L] ids, got shape {list(batch.shape)}")
+            batch = batch.tolist()
+        return [self.decode(row, **kwargs) for row in batch]
+
+
+class Tokenizer(TokenizerBase):
     """Wraps a ``sentencepiece`` model. Build with :meth:`train` or :meth:`load`."""
 
-    def __init__(self, model_proto: bytes):
+    def __init__(self, model_proto: bytes, *, source: str = "model_proto"):
         if not isinstance(model_proto, (bytes, bytearray)):
             raise TypeError("model_proto must be the bytes of a sentencepiece model; "
                             "use Tokenizer.load(path) for a file")
         self.model_proto = bytes(model_proto)
-        self.sp = _spm().SentencePieceProcessor(model_proto=self.model_proto)
+        if not self.model_proto:
+            raise ValueError(f"{source} is empty (expected a sentencepiece .model file)")
+        try:
+            self.sp = _spm().SentencePieceProcessor(model_proto=self.model_proto)
+        except (RuntimeError, OSError, IndexError) as exc:
+            raise ValueError(f"{source} is not a valid sentencepiece model (corrupted, or "
+                             "another kind of file)") from exc
+        if self.sp.get_piece_size() < 1:
+            raise ValueError(f"{source} holds a sentencepiece model with no pieces")
         self.sentinel_ids = self._find_sentinels()
 
     # ----------------------------------------------------------------- building
@@ -149,7 +282,7 @@ class Tokenizer:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no sentencepiece model at {path}")
         with open(path, "rb") as fh:
-            return cls(fh.read())
+            return cls(fh.read(), source=f"tokenizer file {path}")
 
     def save(self, path: str | os.PathLike) -> str:
         """Write the model (a directory gets ``tokenizer.model``); returns the file path."""
@@ -163,15 +296,6 @@ class Tokenizer:
         return path
 
     # ----------------------------------------------------------------- ids
-    def _find_sentinels(self) -> list[int]:
-        ids, i = [], 0
-        while True:
-            pid = self.sp.piece_to_id(sentinel_piece(i))
-            if pid == self.sp.unk_id() or self.sp.id_to_piece(pid) != sentinel_piece(i):
-                return ids
-            ids.append(pid)
-            i += 1
-
     @property
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
@@ -192,105 +316,17 @@ class Tokenizer:
     def unk_id(self) -> int:
         return self.sp.unk_id()
 
-    @property
-    def num_sentinels(self) -> int:
-        return len(self.sentinel_ids)
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.id_to_piece(i)
 
-    def special_ids(self) -> set[int]:
-        return {i for i in (self.pad_id, self.bos_id, self.eos_id) if i >= 0}
+    def piece_to_id(self, piece: str) -> int:
+        return self.sp.piece_to_id(piece)
 
-    def __len__(self) -> int:
-        return self.vocab_size
+    def _encode_text(self, text: str) -> list[int]:
+        return list(self.sp.encode(text))
 
-    # ----------------------------------------------------------------- encode
-    def encode(self, text: str | Sequence[str], *, add_bos: bool = False, add_eos: bool = False,
-               max_length: int | None = None):
-        """Ids of one string (``list[int]``) or of each string in a list.
-
-        ``max_length`` truncates on the right, keeping the EOS when ``add_eos``.
-        """
-        if isinstance(text, str):
-            return self._encode_one(text, add_bos, add_eos, max_length)
-        if not isinstance(text, Sequence):
-            raise TypeError(f"text must be a str or a sequence of str, got {type(text).__name__}")
-        return [self._encode_one(t, add_bos, add_eos, max_length) for t in text]
-
-    def _encode_one(self, text, add_bos, add_eos, max_length):
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
-        ids = list(self.sp.encode(text))
-        if add_bos:
-            ids.insert(0, self.bos_id)
-        if max_length is not None:
-            if max_length < 1:
-                raise ValueError(f"max_length must be >= 1, got {max_length}")
-            keep = max_length - 1 if add_eos else max_length
-            ids = ids[:max(keep, 0)]
-        if add_eos:
-            ids.append(self.eos_id)
-        return ids
-
-    def __call__(
-        self,
-        texts: str | Sequence[str],
-        *,
-        add_bos: bool = False,
-        add_eos: bool = False,
-        max_length: int | None = None,
-        padding: str = "longest",
-        padding_side: str = "right",
-        pad_to_multiple_of: int | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Batch-encode: ``{"input_ids": [B, L] int64, "attention_mask": [B, L] bool}``.
-
-        ``padding="longest"`` pads to the longest row; ``"max_length"`` to ``max_length``.
-        Rows longer than ``max_length`` are truncated.
-        """
-        if isinstance(texts, str):
-            texts = [texts]
-        if padding not in ("longest", "max_length"):
-            raise ValueError(f"padding must be 'longest' or 'max_length', got {padding!r}")
-        if padding == "max_length" and max_length is None:
-            raise ValueError("padding='max_length' needs max_length")
-        seqs = self.encode(list(texts), add_bos=add_bos, add_eos=add_eos, max_length=max_length)
-        ids, mask = pad_sequences(seqs, self.pad_id, padding_side=padding_side,
-                                  max_length=max_length if padding == "max_length" else None,
-                                  pad_to_multiple_of=pad_to_multiple_of)
-        return {"input_ids": ids, "attention_mask": mask}
-
-    def pad(self, sequences: Sequence[Sequence[int]], **kwargs) -> dict[str, torch.Tensor]:
-        ids, mask = pad_sequences(sequences, self.pad_id, **kwargs)
-        return {"input_ids": ids, "attention_mask": mask}
-
-    # ----------------------------------------------------------------- decode
-    def decode(self, ids, *, skip_special_tokens: bool = True, stop_at_eos: bool = True) -> str:
-        """Text of one id sequence (list or 1-D tensor).
-
-        ``stop_at_eos`` cuts at the first EOS; ``skip_special_tokens`` drops pad/bos/eos
-        (sentinels are kept: they carry meaning in span-corruption targets).
-        """
-        if isinstance(ids, torch.Tensor):
-            if ids.dim() != 1:
-                raise ValueError(f"decode takes one sequence [L], got shape {list(ids.shape)}; "
-                                 "use batch_decode")
-            ids = ids.tolist()
-        ids = [int(i) for i in ids]
-        if stop_at_eos and self.eos_id in ids:
-            ids = ids[: ids.index(self.eos_id)]
-        if skip_special_tokens:
-            special = self.special_ids()
-            ids = [i for i in ids if i not in special]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"ids out of the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+    def _decode_ids(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
-
-    def batch_decode(self, batch, **kwargs) -> list[str]:
-        if isinstance(batch, torch.Tensor):
-            if batch.dim() != 2:
-                raise ValueError(f"batch_decode takes [B, L] ids, got shape {list(batch.shape)}")
-            batch = batch.tolist()
-        return [self.decode(row, **kwargs) for row in batch]
 
 
 def _iter_texts(texts, files):

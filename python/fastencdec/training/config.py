@@ -1,15 +1,26 @@
-"""``TrainConfig``: every knob of :class:`~fastencdec.training.Trainer`, validated."""
+"""``TrainConfig``: every knob of :class:`~fastencdec.training.Trainer`, validated.
+
+Each field's type and range sit in :data:`FIELD_CHECKS`; ``TrainConfig(...)`` and
+``TrainConfig.from_dict`` (unknown keys get a did-you-mean) check them all.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass
 
+from .checks import ConfigError, check_value, unknown_keys_error
 from .objective import DIVERGENCES
 
-__all__ = ["TrainConfig", "TASKS"]
+__all__ = ["TrainConfig", "TASKS", "OPTIMIZERS", "PRECISIONS", "EVAL_METRICS"]
 
 TASKS = ("finetune", "pretrain", "distill")
+OPTIMIZERS = ("auto", "muon", "adamw")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# metric -> True when higher is better
+EVAL_METRICS = {"loss": False, "exact_match": True, "token_f1": True, "rouge_l": True}
 
 
 @dataclass
@@ -19,7 +30,7 @@ class TrainConfig:
     max_steps: int = 1000             # optimizer steps
     grad_accum: int = 1               # micro-batches per optimizer step (per process)
     # optimizer and schedule
-    optimizer: str = "muon"           # muon (+ AdamW for embeddings/norms/biases) | adamw
+    optimizer: str = "auto"           # auto: muon on CUDA, adamw on the CPU | muon | adamw
     lr: float = 3e-3
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
@@ -27,8 +38,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     max_grad_norm: float | None = 1.0
     # numerics and memory
-    precision: str = "auto"           # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    precision: str = "auto"           # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     activation_checkpointing: bool = False
+    compile: bool = False             # torch.compile the loss computation
     # multi-process (under torchrun)
     distributed: str = "ddp"          # ddp | fsdp
     # distillation (DESIGN §4)
@@ -38,52 +50,77 @@ class TrainConfig:
     on_policy: float = 0.0            # fraction of steps whose targets the student samples
     sample_temperature: float = 1.0
     max_new_tokens: int = 64
+    # evaluation (needs an evaluator: see Trainer)
+    eval_every: int = 0               # 0: only at the end
+    best_metric: str = "loss"         # which eval metric picks the best model
     # bookkeeping
     seed: int = 0
-    out_dir: str | None = None        # checkpoints/, metrics.jsonl
+    out_dir: str | None = None        # checkpoints/, metrics.jsonl, metrics.csv
     log_every: int = 10
     save_every: int = 0               # 0: only at the end (when out_dir is set)
     keep_last: int = 2
-    progress: bool = True
+    progress: bool = True             # progress bar and log lines on the console
+    overwrite: bool = False           # start over in an out_dir that holds another run
 
     def __post_init__(self):
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
-        for name in ("max_steps", "grad_accum", "log_every", "keep_last"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("warmup_steps", "save_every", "max_new_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        if self.optimizer not in ("muon", "adamw"):
-            raise ValueError(f"optimizer must be 'muon' or 'adamw', got {self.optimizer!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
-        if self.distributed not in ("ddp", "fsdp"):
-            raise ValueError(f"distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must lie in [0, 1], got {self.alpha}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not 0.0 <= self.on_policy <= 1.0:
-            raise ValueError(f"on_policy must lie in [0, 1], got {self.on_policy}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
-        self.betas = tuple(self.betas)
+        for name, (kind, options) in FIELD_CHECKS.items():
+            setattr(self, name, check_value(f"training.{name}", getattr(self, name), kind,
+                                            **options))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"training must be a mapping, got {data!r}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown training options {unknown}; known: {sorted(known)}")
+            raise unknown_keys_error("training", unknown, known)
         return cls(**data)
+
+    def fingerprint(self, **extra) -> str:
+        """A hash of everything that changes what a run computes (not how long it runs,
+        how often it logs/saves/evaluates, or where): a resume checks it."""
+        ident = {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_CHANGES}
+        text = json.dumps({"training": ident, **extra}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# fields a resumed run may change without becoming a different run
+RESUMABLE_CHANGES = ("max_steps", "log_every", "save_every", "keep_last", "progress",
+                     "out_dir", "eval_every", "overwrite", "compile")
+
+FIELD_CHECKS = {
+    "task": ("str", {"choices": TASKS}),
+    "max_steps": ("int", {"low": 1}),
+    "grad_accum": ("int", {"low": 1}),
+    "optimizer": ("str", {"choices": OPTIMIZERS}),
+    "lr": ("float", {"low": 0.0, "low_open": True}),
+    "weight_decay": ("float", {"low": 0.0}),
+    "betas": ("pair", {"low": 0.0, "high": 0.999999}),
+    "warmup_steps": ("int", {"low": 0}),
+    "min_lr_ratio": ("float", {"low": 0.0, "high": 1.0}),
+    "max_grad_norm": ("float", {"low": 0.0, "low_open": True, "optional": True}),
+    "precision": ("str", {"choices": PRECISIONS}),
+    "activation_checkpointing": ("bool", {}),
+    "compile": ("bool", {}),
+    "distributed": ("str", {"choices": ("ddp", "fsdp")}),
+    "alpha": ("float", {"low": 0.0, "high": 1.0}),
+    "temperature": ("float", {"low": 1e-3, "high": 1e3}),
+    "divergence": ("str", {"choices": DIVERGENCES}),
+    "on_policy": ("float", {"low": 0.0, "high": 1.0}),
+    "sample_temperature": ("float", {"low": 1e-3, "high": 1e3}),
+    "max_new_tokens": ("int", {"low": 1}),
+    "eval_every": ("int", {"low": 0}),
+    "best_metric": ("str", {"choices": tuple(EVAL_METRICS)}),
+    "seed": ("int", {"low": 0}),
+    "out_dir": ("str", {"optional": True}),
+    "log_every": ("int", {"low": 1}),
+    "save_every": ("int", {"low": 0}),
+    "keep_last": ("int", {"low": 1}),
+    "progress": ("bool", {}),
+    "overwrite": ("bool", {}),
+}
+assert set(FIELD_CHECKS) == {f.name for f in dataclasses.fields(TrainConfig)}

@@ -2,12 +2,17 @@
 
 1. Generate extractive QA examples (long passage in, one word out) in the
    reference QA prompt format; train a sentencepiece tokenizer on them.
-2. Train a decoder-only teacher, then three students of equal size with the same
-   budget: an encoder-decoder with cross-entropy, an encoder-decoder distilled
-   from the teacher (reverse KL + CE), and a decoder-only model with cross-entropy.
+2. Train a decoder-only teacher, then three students of equal size for the same
+   number of steps on the same batches: an encoder-decoder with cross-entropy, an
+   encoder-decoder distilled from the teacher (reverse KL + CE), and a decoder-only
+   model with cross-entropy.
 3. Report exact match for each (and the chance level), the generation speed of
-   encoder-decoder vs decoder-only (first-token latency and tokens/s), and save a
-   plot of the loss curves.
+   encoder-decoder vs decoder-only (first-token latency and tokens/s), one verdict
+   per claim, and save a figure.
+
+Training is fixed in steps (never in seconds), so the same seed gives the same
+accuracy numbers on any machine; only the timings vary. On the CPU the demo uses
+one thread unless told otherwise (its models are tiny: see ``threads.py``).
 """
 
 from __future__ import annotations
@@ -29,11 +34,14 @@ from ..data import (
     Tokenizer,
 )
 from .config import TrainConfig
+from .demo_report import above_chance, plot_demo, verdicts
+from .evaluation import exact_match_score
 from .metrics import MetricsLogger
 from .objective import StudentLoss
+from .threads import choose_threads, warn_if_oversubscribed
 from .trainer import Trainer
 
-__all__ = ["DemoSettings", "run_demo", "exact_match", "generation_speed", "plot_losses"]
+__all__ = ["DemoSettings", "run_demo", "answer_hits", "generation_speed"]
 
 
 @dataclass
@@ -48,7 +56,7 @@ class DemoSettings:
     relations: tuple[str, ...] | None = None
     ambiguous: float = 0.0
     n_train: int = 6000
-    n_test: int = 200
+    n_test: int = 300
     vocab_size: int = 512
     # the students (the decoder-only one is sized to the encoder-decoder's parameters)
     d_model: int = 128
@@ -61,18 +69,17 @@ class DemoSettings:
     # the teacher: a decoder-only model with this many layers (widths as the students;
     # None: as many as the decoder-only student)
     teacher_layers: int | None = None
-    # training
+    # training (fixed steps: the same on every machine)
     steps: int = 300
-    teacher_steps: int = 350
+    teacher_steps: int = 600
     batch_size: int = 32
     lr: float = 6e-3
+    teacher_lr: float | None = None
     alpha: float = 0.5
     temperature: float = 1.0
-    # wall-clock guard for slow machines: training stops early past this many seconds
-    # in total (shared among the four models in proportion to their steps x cost)
-    train_budget_s: float | None = 250.0
-    threads: int | None = None  # torch CPU threads (None: torch's default)
-    # generation benchmark
+    threads: int | None = None  # torch CPU threads (None: 1 on the CPU, these models are tiny)
+    eval_points: int = 15       # held-out cross-entropy this many times per model
+    # generation benchmark (a timing)
     gen_new_tokens: int = 32
     gen_repeats: int = 7
 
@@ -80,15 +87,16 @@ class DemoSettings:
     def for_mode(cls, *, quick: bool = False, size: str = "small", device: str | None = None,
                  out_dir: str | None = None, seed: int = 0, steps: int | None = None,
                  threads: int | None = None) -> DemoSettings:
-        """``small`` takes about 3 minutes on a 2-core CPU (at most about 5: past
-        ``train_budget_s`` training stops early); ``quick`` is the CI smoke run (< 1 minute);
-        ``medium``/``large`` are wider, longer runs meant for a GPU."""
+        """``small`` takes about 3 minutes on 2 idle CPU cores; ``quick`` is the CI smoke
+        run (well under a minute); ``medium``/``large`` are wider, longer runs for a GPU."""
         if size not in ("small", "medium", "large"):
-            raise ValueError(f"size must be 'small', 'medium' or 'large', got {size!r}")
+            raise ValueError(f"--size must be 'small', 'medium' or 'large', got {size!r}")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        if threads is not None and threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
+        if threads is not None and (isinstance(threads, bool) or threads < 1):
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"--seed must be an integer >= 0, got {seed!r}")
         s = cls(device=device, seed=seed, out_dir=out_dir or "fastencdec-demo", threads=threads)
         if size == "medium":
             s.__dict__.update(
@@ -101,35 +109,33 @@ class DemoSettings:
                 teacher_layers=16, steps=3000, teacher_steps=4000, n_train=100000,
                 kind="people", facts=(3, 6), relations=("city", "job"), lr=2e-3,
                 batch_size=64)
-        if size != "small":
-            s.train_budget_s = None  # GPU runs: no wall-clock guard
         if quick:
             s.__dict__.update(
-                train_budget_s=None, steps=30, teacher_steps=30, n_train=600, n_test=40,
-                d_model=64, d_ff=128, n_heads=4, n_kv_heads=2, n_encoder_layers=2,
-                n_decoder_layers=1, teacher_layers=3, gen_new_tokens=8, gen_repeats=1,
-                batch_size=16)
+                steps=30, teacher_steps=30, n_train=600, n_test=40, d_model=64, d_ff=128,
+                n_heads=4, n_kv_heads=2, n_encoder_layers=2, n_decoder_layers=1,
+                teacher_layers=3, gen_new_tokens=8, gen_repeats=1, batch_size=16,
+                eval_points=3)
         if steps is not None:
-            if steps < 1:
-                raise ValueError(f"steps must be >= 1, got {steps}")
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+                raise ValueError(f"--steps must be an integer >= 1, got {steps!r}")
             s.steps = s.teacher_steps = steps
         return s
 
 
 # ---------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def exact_match(model, tokenizer, encoder: Seq2SeqEncoder, examples: list[dict], *,
-                device, batch_size: int = 64, max_new_tokens: int = 8) -> float:
-    """Share of examples whose greedy answer equals the target exactly."""
-    hits = 0
+def answer_hits(model, tokenizer, encoder: Seq2SeqEncoder, examples: list[dict], *,
+                device, batch_size: int = 64, max_new_tokens: int = 8) -> list[bool]:
+    """Per example: whether the greedy answer equals the target (normalised)."""
+    hits = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         batch = tokenizer.pad([encoder.source_ids(ex) for ex in chunk])
         out = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
                              max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_id)
         for text, ex in zip(tokenizer.batch_decode(out.cpu()), chunk, strict=True):
-            hits += text.strip() == ex["target"].strip()
-    return hits / max(len(examples), 1)
+            hits.append(bool(exact_match_score(text, ex["target"])))
+    return hits
 
 
 @torch.no_grad()
@@ -137,70 +143,33 @@ def generation_speed(model, input_ids: torch.Tensor, *, new_tokens: int, repeats
                      ) -> dict:
     """Median first-token latency (ms: encoder or prompt prefill + first step) and decode
     speed (tokens/s after the first token) over ``repeats`` greedy runs of ``new_tokens``
-    tokens (EOS ignored, so every run has the same length)."""
+    tokens (EOS ignored, so every run has the same length). A timing."""
     device = input_ids.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     first, rates = [], []
     model.generate(input_ids, max_new_tokens=2, eos_token_id=())  # warm-up
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        # batch-1 decoding of a small model is latency-bound: extra threads only add
-        # wake-up jitter to every tiny op
-        torch.set_num_threads(1)
-    try:
-        for _ in range(repeats):
-            stamps: list[float] = []
-            sync()
-            t0 = time.perf_counter()
-            out = model.generate(input_ids, max_new_tokens=new_tokens, eos_token_id=(),
-                                 streamer=lambda tokens, _s=stamps: _s.append(time.perf_counter()))
-            sync()
-            t1 = time.perf_counter()
-            first.append((stamps[0] - t0) * 1e3)
-            # steady decoding: the tokens after the first, per second
-            rates.append(out.shape[0] * (out.shape[1] - 1) / max(t1 - stamps[0], 1e-9))
-    finally:
-        torch.set_num_threads(threads)
+    for _ in range(repeats):
+        stamps: list[float] = []
+        sync()
+        t0 = time.perf_counter()
+        out = model.generate(input_ids, max_new_tokens=new_tokens, eos_token_id=(),
+                             streamer=lambda tokens, _s=stamps: _s.append(time.perf_counter()))
+        sync()
+        t1 = time.perf_counter()
+        first.append((stamps[0] - t0) * 1e3)
+        rates.append(out.shape[0] * (out.shape[1] - 1) / max(t1 - stamps[0], 1e-9))
     return {"first_token_ms": statistics.median(first),
             "tokens_per_s": statistics.median(rates)}
 
 
-def plot_losses(train: dict[str, list[float]], held_out: dict[str, list[tuple[int, float]]],
-                path: str, title: str) -> str | None:
-    """Two panels: each run's training objective per step (faint) with a moving median,
-    and its held-out cross-entropy (comparable across runs: the distilled student's
-    objective also holds a KL term). None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=110, sharex=True)
-    colors = [c["color"] for c in plt.rcParams["axes.prop_cycle"]]
-    for (name, losses), color in zip(train.items(), colors, strict=False):
-        steps = range(1, len(losses) + 1)
-        left.plot(steps, losses, color=color, alpha=0.2, linewidth=0.8)
-        window = max(len(losses) // 25, 1)  # a moving median: robust to single spikes
-        smooth = [statistics.median(losses[max(0, i - window + 1):i + 1])
-                  for i in range(len(losses))]
-        left.plot(steps, smooth, color=color, linewidth=2, label=name)
-        points = held_out.get(name, [])
-        right.plot([p[0] for p in points], [p[1] for p in points], color=color, linewidth=2,
-                   marker="o", markersize=3, label=name)
-    left.set_ylabel("training objective per target token")
-    right.set_ylabel("held-out cross-entropy per target token")
-    for ax in (left, right):
-        ax.set_xlabel("optimizer step")
-        ax.set_yscale("log")
-        ax.grid(True, which="both", alpha=0.3)
-    right.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+@torch.no_grad()
+def held_out_ce(model, batch: dict) -> float:
+    """Cross-entropy per target token on a fixed batch (the model left as it was)."""
+    was_training = model.training
+    model.eval()
+    loss, _ = StudentLoss(model)(batch)
+    model.train(was_training)
+    return float(loss)
 
 
 # ---------------------------------------------------------------------- the run
@@ -218,43 +187,52 @@ def _configs(s: DemoSettings, tok: Tokenizer):
     return student, twin, teacher
 
 
-@torch.no_grad()
-def held_out_ce(model, batch: dict) -> float:
-    """Cross-entropy per target token on a fixed batch (the model left in eval mode)."""
-    was_training = model.training
-    model.eval()
-    loss, _ = StudentLoss(model)(batch)
-    model.train(was_training)
-    return float(loss)
+class _Progress:
+    """One bar over every model's steps."""
+
+    def __init__(self, total: int):
+        try:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc="demo", unit="step", dynamic_ncols=True)
+        except ImportError:
+            self.bar = None
+
+    def step(self, name: str, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.set_description(name, refresh=False)
+            self.bar.set_postfix({"loss": f"{loss:.3f}"}, refresh=False)
+            self.bar.update(1)
+
+    def write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
-def _train(name: str, model, s: DemoSettings, data, *, steps: int, eval_batch: dict,
-           teacher=None, log: MetricsLogger | None = None,
-           max_seconds: float | None = None) -> tuple[list[float], list, float]:
+def _train(name: str, model, s: DemoSettings, data, *, steps: int, lr: float, eval_batch: dict,
+           progress: _Progress, log: MetricsLogger, teacher=None):
     cfg = TrainConfig(task="distill" if teacher is not None else "finetune", max_steps=steps,
-                      lr=s.lr, warmup_steps=max(steps // 20, 1), alpha=s.alpha,
+                      lr=lr, warmup_steps=max(steps // 20, 1), alpha=s.alpha,
                       temperature=s.temperature, seed=s.seed, progress=False,
-                      weight_decay=0.0)
+                      weight_decay=0.0, optimizer="adamw")
     trainer = Trainer(model, cfg, data, teacher=teacher, device=s.device)
     t0 = time.perf_counter()
     losses, held_out = [], [(0, held_out_ce(model, eval_batch))]
-    report_every = max(steps // 4, 1)
-    eval_every = max(steps // 30, 1)
+    eval_every = max(steps // max(s.eval_points, 1), 1)
     for _ in range(steps):
         record = trainer.train_step()
         losses.append(record["loss"])
         if record["step"] % eval_every == 0 or record["step"] == steps:
             record["held_out_ce"] = held_out_ce(model, eval_batch)
             held_out.append((record["step"], record["held_out_ce"]))
-        if log is not None:
-            log.log({"model": name, **record})
-        if record["step"] % report_every == 0 or record["step"] == steps:
-            print(f"    step {record['step']:>5}/{steps}  loss {record['loss']:.4f}  "
-                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
-        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
-            print(f"    stopped at step {record['step']}: this machine is slower than the "
-                  f"demo's time budget assumes", flush=True)
-            break
+        log.log({"model": name, **record})
+        progress.step(name, record["loss"])
     model.eval()
     return losses, held_out, time.perf_counter() - t0
 
@@ -264,13 +242,16 @@ def run_demo(s: DemoSettings) -> dict:
 
     t_start = time.perf_counter()
     device = torch.device(s.device)
-    if s.threads is not None:
-        torch.set_num_threads(s.threads)
+    threads_note = ""
+    if device.type == "cpu":
+        threads, why = choose_threads(s.threads if s.threads is not None else 1, device=device)
+        if s.threads is None:
+            why = "these models are tiny: one thread avoids synchronisation costs; --threads N"
+        threads_note = f", {threads} CPU thread{'s' if threads > 1 else ''} ({why})"
+        warn_if_oversubscribed(threads)
     os.makedirs(s.out_dir, exist_ok=True)
     torch.manual_seed(s.seed)
-    print(f"== fastencdec demo on {device}"
-          + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
-          + f", output in {os.path.abspath(s.out_dir)}")
+    print(f"== fastencdec demo on {device}{threads_note}; output in {os.path.abspath(s.out_dir)}")
 
     # 1. data + tokenizer
     task = SyntheticQA(kind=s.kind, facts=s.facts, fillers=s.fillers, relations=s.relations,
@@ -288,106 +269,105 @@ def run_demo(s: DemoSettings) -> dict:
     ex = test[0]
     print(f"  e.g. Q: {ex['question']}  A: {ex['target']}  (context: {ex['context'][:70]}...)")
 
-    def stream(offset: int) -> BatchStream:
+    def stream() -> BatchStream:  # every model sees the same batches in the same order
         lengths = [len(e["input_ids"]) for e in encoded]
-        sampler = LengthBucketBatchSampler(lengths, s.batch_size, seed=s.seed + offset)
+        sampler = LengthBucketBatchSampler(lengths, s.batch_size, seed=s.seed)
         return BatchStream(encoded, sampler, Seq2SeqCollator.for_tokenizer(tok))
 
     student_cfg, twin_cfg, teacher_cfg = _configs(s, tok)
     valid = encoder.encode_all(task.generate(64, split="valid"))
     eval_batch = {k: v.to(device) for k, v in Seq2SeqCollator.for_tokenizer(tok)(valid).items()}
     log = MetricsLogger(os.path.join(s.out_dir, "metrics.jsonl"), append=False)
-    runs = {}
-
-    def build(cls, cfg, seed):
-        torch.manual_seed(seed)
-        return cls(cfg).to(device)
-
-    # 2. teacher, then the three students (same steps, same data order)
     plan = [
         ("teacher: decoder-only", DecoderOnlyLM, teacher_cfg, s.teacher_steps, False),
         ("encoder-decoder, CE", EncoderDecoderLM, student_cfg, s.steps, False),
         ("encoder-decoder, distilled", EncoderDecoderLM, student_cfg, s.steps, True),
         ("decoder-only, CE", DecoderOnlyLM, twin_cfg, s.steps, False),
     ]
-    # relative cost of a step: a decoder-only model reads x in every layer
-    cost = {DecoderOnlyLM: 2.0, EncoderDecoderLM: 1.0}
-    weights = [steps * cost[cls] * (1.5 if distill else 1.0)
-               for _, cls, _, steps, distill in plan]
-    teacher = None
-    for i, (name, cls, cfg, steps, distill) in enumerate(plan):
-        model = build(cls, cfg, s.seed + 1 + i)
-        print(f"-- training {name} ({model.num_parameters() / 1e6:.2f}M parameters, "
-              f"{steps} steps{', from the teacher' if distill else ''})", flush=True)
-        budget = (None if s.train_budget_s is None
-                  else s.train_budget_s * weights[i] / sum(weights))
-        losses, held_out, seconds = _train(name, model, s, stream(0), steps=steps,
-                                           eval_batch=eval_batch,
-                                           teacher=teacher if distill else None, log=log,
-                                           max_seconds=budget)
-        em = exact_match(model, tok, encoder, test, device=device)
-        print(f"    exact match {em:.3f} (chance {chance:.3f})", flush=True)
-        runs[name] = {"model": model, "losses": losses, "held_out_ce": held_out,
-                      "seconds": seconds, "em": em, "params": model.num_parameters(),
-                      "steps": len(losses)}
-        if i == 0:
-            teacher = model
-        slug = name.split(":")[0].replace(", ", "-").replace(" ", "-")
-        model.save_pretrained(os.path.join(s.out_dir, "models", slug))
-        tok.save(os.path.join(s.out_dir, "models", slug, "tokenizer.model"))
-    log.close()
+    progress = _Progress(sum(p[3] for p in plan))
+    runs, teacher = {}, None
+    try:
+        for i, (name, cls, cfg, steps, distill) in enumerate(plan):
+            torch.manual_seed(s.seed + 1 + i)
+            model = cls(cfg).to(device)
+            progress.write(f"-- {name}: {model.num_parameters() / 1e6:.2f}M parameters, "
+                           f"{steps} steps{', from the teacher' if distill else ''}")
+            lr = s.teacher_lr if (i == 0 and s.teacher_lr is not None) else s.lr
+            losses, held_out, seconds = _train(
+                name, model, s, stream(), steps=steps, lr=lr, eval_batch=eval_batch,
+                progress=progress, log=log, teacher=teacher if distill else None)
+            hits = answer_hits(model, tok, encoder, test, device=device)
+            em = sum(hits) / len(hits)
+            progress.write(f"   exact match {em:.3f} (chance {chance:.3f}); "
+                           f"training took {seconds:.0f}s (timing)")
+            runs[name] = {"model": model, "losses": losses, "held_out_ce": held_out,
+                          "seconds": seconds, "em": em, "hits": hits,
+                          "params": model.num_parameters(), "steps": len(losses)}
+            if i == 0:
+                teacher = model
+            slug = name.split(":")[0].replace(", ", "-").replace(" ", "-")
+            model.save_pretrained(os.path.join(s.out_dir, "models", slug))
+            tok.save(os.path.join(s.out_dir, "models", slug, "tokenizer.model"))
+    finally:
+        progress.close()
+        log.close()
 
-    # 3. generation speed: equal-size encoder-decoder vs decoder-only, batch 1
+    # 3. generation speed: equal-size encoder-decoder vs decoder-only, batch 1 (a timing)
     prompt = tok.pad([encoder.source_ids(test[0])])["input_ids"].to(device)
-    speed = {
-        "encoder-decoder": generation_speed(runs["encoder-decoder, CE"]["model"], prompt,
-                                            new_tokens=s.gen_new_tokens, repeats=s.gen_repeats),
-        "decoder-only": generation_speed(runs["decoder-only, CE"]["model"], prompt,
-                                         new_tokens=s.gen_new_tokens, repeats=s.gen_repeats),
-    }
-    plot = plot_losses({k: v["losses"] for k, v in runs.items()},
-                       {k: v["held_out_ce"] for k, v in runs.items()},
-                       os.path.join(s.out_dir, "loss_curves.png"),
-                       f"fastencdec demo: synthetic extractive QA, equal-size students "
-                       f"({device.type})")
-
-    # 4. report
-    print()
-    print(f"{'model':<30} {'params':>8} {'steps':>6} {'exact match':>12} {'train s':>8}")
-    for name, r in runs.items():
-        print(f"{name:<30} {r['params'] / 1e6:>7.2f}M {r['steps']:>6} {r['em']:>12.3f} "
-              f"{r['seconds']:>8.0f}")
-    print(f"{'chance (random candidate)':<30} {'':>8} {chance:>12.3f}")
-    print()
-    print(f"generation, batch 1, {prompt.shape[1]}-token prompt, {s.gen_new_tokens} new tokens "
-          f"(greedy):")
-    print(f"{'':<18} {'first token (ms)':>17} {'tokens/s after it':>18}")
-    for name, r in speed.items():
-        print(f"{name:<18} {r['first_token_ms']:>17.1f} {r['tokens_per_s']:>18.1f}")
-    ratio = speed["encoder-decoder"]["tokens_per_s"] / speed["decoder-only"]["tokens_per_s"]
-    print(f"encoder-decoder decodes {ratio:.2f}x as many tokens/s as the decoder-only model "
-          "of the same size")
-    print()
-    if plot:
-        print(f"loss curves: {os.path.abspath(plot)}")
-    else:
-        print("loss curves: not plotted (pip install matplotlib)")
-    students = [k for k in runs if not k.startswith("teacher")]
-    above = all(runs[k]["em"] > chance for k in students)
+    speed = {arch: generation_speed(runs[name]["model"], prompt, new_tokens=s.gen_new_tokens,
+                                    repeats=s.gen_repeats)
+             for arch, name in (("encoder-decoder", "encoder-decoder, CE"),
+                                ("decoder-only", "decoder-only, CE"))}
+    claims = verdicts(runs, chance, speed)
+    plot = plot_demo(runs, chance, speed, os.path.join(s.out_dir, "demo.png"),
+                     f"fastencdec demo: synthetic extractive QA, equal-size students "
+                     f"({device.type}, seed {s.seed})")
+    any_above = any(above_chance(r["em"], chance, len(r["hits"])) for r in runs.values())
+    _print_report(s, runs, chance, speed, claims, prompt.shape[1], plot)
     summary = {
         "settings": asdict(s),
         "chance": chance,
-        "runs": {k: {kk: vv for kk, vv in v.items() if kk != "model"} for k, v in runs.items()},
-        "speed": speed,
+        "accuracy": {k: {"exact_match": v["em"], "params": v["params"], "steps": v["steps"],
+                         "final_loss": v["losses"][-1], "held_out_ce": v["held_out_ce"]}
+                     for k, v in runs.items()},
+        "losses": {k: v["losses"] for k, v in runs.items()},
+        "verdicts": [{"claim": c, "shown": ok, "evidence": e} for c, ok, e in claims],
+        "timings": {"generation": speed,
+                    "train_seconds": {k: v["seconds"] for k, v in runs.items()},
+                    "total_seconds": time.perf_counter() - t_start},
         "plot": plot,
-        "seconds": time.perf_counter() - t_start,
-        "students_above_chance": above,
+        "any_model_above_chance": any_above,
     }
     with open(os.path.join(s.out_dir, "results.json"), "w", encoding="utf-8") as fh:
         json.dump(summary, fh, indent=2, default=str)
-    print(f"results: {os.path.abspath(os.path.join(s.out_dir, 'results.json'))}; saved models "
-          f"in {os.path.abspath(os.path.join(s.out_dir, 'models'))}")
-    print(f"demo finished in {summary['seconds']:.0f}s"
-          + ("" if above else "  (some student did not beat chance: try more --steps)"))
-    summary["ok"] = True
+    print(f"results: {os.path.abspath(os.path.join(s.out_dir, 'results.json'))}; models: "
+          f"{os.path.abspath(os.path.join(s.out_dir, 'models'))}")
+    print(f"demo finished in {summary['timings']['total_seconds']:.0f}s (timing)")
+    if not any_above:
+        print("FAILED: no model beat chance: the demo's training did not work on this machine "
+              "(more --steps may help; please report it)")
+    summary["exit_code"] = 0 if any_above else 1
     return summary
+
+
+def _print_report(s, runs, chance, speed, claims, prompt_len, plot) -> None:
+    print()
+    print(f"{'model':<30} {'params':>8} {'steps':>6} {'exact match':>12}   "
+          f"{'train time (timing)':>19}")
+    for name, r in runs.items():
+        print(f"{name:<30} {r['params'] / 1e6:>7.2f}M {r['steps']:>6} {r['em']:>12.3f}   "
+              f"{r['seconds']:>18.0f}s")
+    print(f"{'chance (random candidate)':<30} {'':>8} {'':>6} {chance:>12.3f}")
+    print()
+    print(f"generation, batch 1, {prompt_len}-token prompt, {s.gen_new_tokens} new tokens "
+          "(greedy; timings, they vary run to run):")
+    print(f"{'':<18} {'first token (ms)':>17} {'tokens/s after it':>18}")
+    for name, r in speed.items():
+        print(f"{name:<18} {r['first_token_ms']:>17.1f} {r['tokens_per_s']:>18.1f}")
+    print()
+    print("verdicts:")
+    for claim, shown, evidence in claims:
+        print(f"  [{'shown' if shown else 'NOT shown'}] {claim}: {evidence}")
+    print()
+    print(f"figure: {os.path.abspath(plot)}" if plot
+          else "figure: not drawn (pip install matplotlib)")

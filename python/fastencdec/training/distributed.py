@@ -23,6 +23,9 @@ __all__ = [
     "no_grad_sync",
     "all_reduce_sum",
     "barrier",
+    "full_model_state",
+    "full_optimizer_state",
+    "load_full_state",
     "STRATEGIES",
 ]
 
@@ -148,3 +151,44 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def _fsdp_options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kwargs)
+
+
+def full_model_state(module: nn.Module, fsdp: bool) -> dict:
+    """The whole model's state dict (FSDP: gathered on every rank, on the CPU)."""
+    if not fsdp:
+        return module.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(module, options=_fsdp_options(cpu_offload=True))
+
+
+def full_optimizer_state(module: nn.Module, optimizer, fsdp: bool) -> dict:
+    """The optimizer's state dict (FSDP: full tensors; ``optimizer`` may be a
+    :class:`~fastencdec.training.optim.HybridOptimizer`)."""
+    if not fsdp:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(module, optimizer.optimizers,
+                                    options=_fsdp_options(cpu_offload=True))
+
+
+def load_full_state(module: nn.Module, optimizer, model_state: dict, optim_state: dict,
+                    fsdp: bool) -> None:
+    if not fsdp:
+        module.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    set_model_state_dict(module, model_state, options=_fsdp_options())
+    set_optimizer_state_dict(module, optimizer.optimizers, optim_state, options=_fsdp_options())

@@ -17,7 +17,7 @@ computation (the LM head weight is used inside ``forward``).
 
 from __future__ import annotations
 
-import inspect
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,10 @@ __all__ = [
     "is_encoder_decoder",
     "target_ids_and_mask",
     "causal_lm_inputs",
-    "teacher_logits_for",
+    "target_hidden_states",
+    "image_inputs",
+    "TeacherHidden",
+    "chunked_cross_entropy",
     "sample_student_targets",
     "DIVERGENCES",
 ]
@@ -58,33 +61,11 @@ def causal_lm_inputs(batch: dict, pad_id: int):
                                 pad_id)
 
 
-def _accepts(fn, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _causal_lm_logits(model: nn.Module, inputs) -> torch.Tensor:
-    kwargs = {"input_ids": inputs.input_ids, "attention_mask": inputs.attention_mask}
-    # Hugging Face models take positions explicitly (left padding must not shift them);
-    # fastencdec's DecoderOnlyLM derives them from the mask itself.
-    if _accepts(model.forward, "position_ids"):
-        kwargs["position_ids"] = inputs.position_ids
-    out = model(**kwargs)
-    return out.logits if hasattr(out, "logits") else out[0]
-
-
-@torch.no_grad()
-def teacher_logits_for(teacher: nn.Module, batch: dict, pad_id: int) -> torch.Tensor:
-    """The teacher's logits that predict ``y``: ``[B, Ly, V_t]``.
-
-    ``teacher``: a fastencdec ``DecoderOnlyLM`` or any Hugging Face causal LM that
-    shares the student's tokenizer (ids must mean the same tokens).
-    """
-    inputs = causal_lm_inputs(batch, pad_id)
-    logits = _causal_lm_logits(teacher, inputs)
-    return align_teacher_logits(logits, inputs.source_len, batch["labels"].shape[1])
+def image_inputs(batch: dict) -> dict:
+    """The batch entries whose key starts with ``image`` (``image_pixels``,
+    ``image_crops``, ...): passed as keyword arguments to a model's ``encode`` (an
+    encoder-decoder) or ``hidden_states`` (a decoder-only model)."""
+    return {k: v for k, v in batch.items() if k.startswith("image")}
 
 
 def _lm_head_weight(model: nn.Module) -> torch.Tensor:
@@ -94,13 +75,40 @@ def _lm_head_weight(model: nn.Module) -> torch.Tensor:
     return head.weight
 
 
+def target_hidden_states(model: nn.Module, batch: dict, pad_id: int) -> torch.Tensor:
+    """A fastencdec model's final hidden states at the positions that predict ``y``:
+    ``[B, Ly, d]`` (an encoder-decoder's decoder states; a decoder-only model's states
+    of ``pad ∘ x ∘ y`` aligned as in DESIGN §4)."""
+    images = image_inputs(batch)
+    if is_encoder_decoder(model):
+        enc_mask = batch["attention_mask"].bool()
+        states = model.encode(batch["input_ids"], enc_mask, **images)
+        return model.decode(batch["decoder_input_ids"], states, enc_mask,
+                            batch["decoder_attention_mask"].bool())
+    inputs = causal_lm_inputs(batch, pad_id)
+    hidden = model.hidden_states(inputs.input_ids, inputs.attention_mask, **images)
+    return align_teacher_logits(hidden, inputs.source_len, batch["labels"].shape[1])
+
+
+class TeacherHidden(NamedTuple):
+    """A teacher's final hidden states at the positions that predict ``y`` and its LM
+    head: the fused loss makes the teacher logits chunk by chunk, never whole."""
+
+    hidden: torch.Tensor       # [B, Ly, d_teacher]
+    head_weight: torch.Tensor  # [V_teacher, d_teacher] (rows mapped to student ids if asked)
+
+
 class StudentLoss(nn.Module):
     """Mean loss over the real target tokens of a batch, for either architecture.
 
-    ``forward(batch, teacher_logits=None)``: cross-entropy on ``y`` when no teacher
-    logits are given, else ``fastencdec.ops.distill_loss`` on the student's final
-    hidden states and (tied) LM head weight: ``alpha * τ² * KL + (1 - alpha) * CE``.
-    Returns ``(loss, n_tokens)``.
+    ``forward(batch, teacher=None)``: cross-entropy on ``y`` without a teacher; with
+    teacher logits ``[B, Ly, V]`` (``fastencdec.ops.distill_loss``) or a
+    :class:`TeacherHidden` (``fastencdec.ops.distill_loss_from_teacher_hidden``) the
+    distillation loss ``alpha * τ² * KL + (1 - alpha) * CE`` on the student's final
+    hidden states and (tied) LM head weight. Returns ``(loss, n_tokens)``, or
+    ``(loss, n_tokens, ce)`` with ``with_ce=True`` (``ce``: the detached cross-entropy
+    part, for logging). Batch entries named ``image*`` go to the model's ``encode`` /
+    ``hidden_states``.
     """
 
     def __init__(self, model: nn.Module, *, alpha: float = 0.5, temperature: float = 1.0,
@@ -123,36 +131,52 @@ class StudentLoss(nn.Module):
 
     def target_hidden(self, batch: dict) -> torch.Tensor:
         """The student's final hidden states at the positions predicting ``y``: ``[B, Ly, d]``."""
-        model = self.model
-        if is_encoder_decoder(model):
-            enc_mask = batch["attention_mask"].bool()
-            states = model.encode(batch["input_ids"], enc_mask)
-            return model.decode(batch["decoder_input_ids"], states, enc_mask,
-                                batch["decoder_attention_mask"].bool())
-        inputs = causal_lm_inputs(batch, self.pad_id)
-        hidden = model.hidden_states(inputs.input_ids, inputs.attention_mask)
-        return align_teacher_logits(hidden, inputs.source_len, batch["labels"].shape[1])
+        return target_hidden_states(self.model, batch, self.pad_id)
 
-    def forward(self, batch: dict, teacher_logits: torch.Tensor | None = None):
+    def forward(self, batch: dict, teacher=None, *, with_ce: bool = False):
         labels = batch["labels"]
         hidden = self.target_hidden(batch)
         real = (labels != IGNORE_INDEX).reshape(-1)
         n_tokens = int(real.sum())
         hidden = hidden.reshape(-1, hidden.shape[-1])[real]
         flat_labels = labels.reshape(-1)[real]
-        weight = _lm_head_weight(self.model)
-        if teacher_logits is None:
-            logits = hidden @ weight.t().to(hidden.dtype)
+        weight = _lm_head_weight(self.model).to(hidden.dtype)
+        if teacher is None:
+            logits = hidden @ weight.t()
             loss = F.cross_entropy(logits.float(), flat_labels, reduction="sum") / max(n_tokens, 1)
+            return (loss, n_tokens, loss.detach()) if with_ce else (loss, n_tokens)
+        if isinstance(teacher, TeacherHidden):
+            if teacher.hidden.shape[:2] != labels.shape:
+                raise ValueError(f"teacher hidden states must be [batch, target_len, d] = "
+                                 f"{list(labels.shape)} + [d], got {list(teacher.hidden.shape)}")
+            t_hidden = teacher.hidden.reshape(-1, teacher.hidden.shape[-1])[real]
+            loss = ops.distill_loss_from_teacher_hidden(
+                hidden, weight, t_hidden, teacher.head_weight.to(t_hidden.dtype), flat_labels,
+                alpha=self.alpha, temperature=self.temperature, divergence=self.divergence,
+                ignore_index=IGNORE_INDEX)
+        else:
+            if teacher.shape[:2] != labels.shape:
+                raise ValueError(f"teacher_logits must be [batch, target_len, vocab] = "
+                                 f"{list(labels.shape)} + [V], got {list(teacher.shape)}")
+            t_logits = teacher.reshape(-1, teacher.shape[-1])[real]
+            loss = ops.distill_loss(hidden, weight, t_logits, flat_labels,
+                                    alpha=self.alpha, temperature=self.temperature,
+                                    divergence=self.divergence, ignore_index=IGNORE_INDEX)
+        if not with_ce:
             return loss, n_tokens
-        if teacher_logits.shape[:2] != labels.shape:
-            raise ValueError(f"teacher_logits must be [batch, target_len, vocab] = "
-                             f"{list(labels.shape)} + [V], got {list(teacher_logits.shape)}")
-        teacher = teacher_logits.reshape(-1, teacher_logits.shape[-1])[real]
-        loss = ops.distill_loss(hidden, weight.to(hidden.dtype), teacher, flat_labels,
-                                alpha=self.alpha, temperature=self.temperature,
-                                divergence=self.divergence, ignore_index=IGNORE_INDEX)
-        return loss, n_tokens
+        return loss, n_tokens, chunked_cross_entropy(hidden.detach(), weight.detach(),
+                                                     flat_labels)
+
+
+@torch.no_grad()
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          chunk_rows: int = 1024) -> torch.Tensor:
+    """Mean CE of ``hidden @ weight.T`` against ``labels`` without building all logits."""
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_rows):
+        logits = (hidden[start:start + chunk_rows] @ weight.t()).float()
+        total += F.cross_entropy(logits, labels[start:start + chunk_rows], reduction="sum")
+    return total / max(hidden.shape[0], 1)
 
 
 @torch.no_grad()

@@ -4,15 +4,20 @@ A run file (YAML or JSON) has these sections (see ``examples/``)::
 
     task: finetune | pretrain | distill
     output_dir: runs/my-run
-    tokenizer: {path: tok.model}  or  {train: {vocab_size: 8000, num_sentinels: 100}}
-    model: {preset: tiny, overrides: {...}}  or  {path: saved-model-dir}
-           (architecture: encoder_decoder | decoder_only; default encoder_decoder)
-    teacher: {path: saved-decoder-only-dir}  or  {hf: name-or-path}   (distill)
-    data: {train: file(s) or hub name, format: qa | seq2seq | text, fields: {...},
-           max_source_len: 512, max_target_len: 64, batch_size: 16, chunk_length: 128}
+    tokenizer: {path: tok.model | tokenizer.json}  or  {train: {vocab_size: 8000, ...}}
+    model: {preset: tiny, architecture: encoder_decoder | decoder_only, overrides: {...}}
+           or {path: saved-model-dir}
+    teacher: {path: saved-dir} or {hf: name-or-path}; dtype: fp32|bf16|fp16;
+             vocab: identical (checked) | prefix | mapping.json          (distill)
+    data: {train: file(s) or hub name, valid: file(s), format: qa | seq2seq | text,
+           fields: {...}, max_source_len: 512, max_target_len: 64, batch_size: 16,
+           chunk_length: 128, noise_density: 0.15, mean_span_length: 3.0}
     training: {any TrainConfig field}
+    eval: {max_examples: 500, batch_size: 32, max_new_tokens: ..., generate: true}
 
-Every section is validated with errors naming the offending key.
+Every key of every section is validated (:mod:`.run_schema`) before any data is
+read or model built. The data is read lazily: each process tokenises only the
+batches it takes.
 """
 
 from __future__ import annotations
@@ -20,195 +25,354 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import torch
 
 from ..data import (
     BatchStream,
     LengthBucketBatchSampler,
+    MappedSequence,
     Seq2SeqCollator,
     Seq2SeqEncoder,
     SpanCorruptionCollator,
+    TextBlocks,
     Tokenizer,
-    chunk_tokens,
-    example_length,
+    approx_lengths,
     load_records,
-    qa_to_seq2seq,
-    to_seq2seq,
+    load_tokenizer,
+    qa_record,
+    seq2seq_record,
+    span_corrupt,
 )
+from .checks import ConfigError
 from .config import TrainConfig
-from .distributed import init_distributed
+from .distributed import barrier, init_distributed
+from .interrupt import TrainingInterrupted
+from .run_dir import prepare_output_dir
+from .run_schema import SECTIONS, validate_run
+from .threads import choose_threads, warn_if_oversubscribed
 
-__all__ = ["load_run_file", "run_training", "load_pretrained", "load_teacher"]
+__all__ = ["load_run_file", "run_training", "load_pretrained", "load_teacher", "DATA_BUILDERS",
+           "build_evaluator"]
 
-SECTIONS = ("task", "output_dir", "tokenizer", "model", "teacher", "data", "training")
+TEACHER_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_run_file(path: str | os.PathLike) -> dict:
+    """Read a YAML/JSON run file; errors name the file (the schema is checked by
+    :func:`~fastencdec.training.run_schema.validate_run`)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"run config not found: {path}")
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
-    if path.endswith((".yaml", ".yml")):
+    if not path.endswith((".yaml", ".yml", ".json")):
+        raise ConfigError(f"run config must end with .yaml, .yml or .json, got {path}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text") from None
+    if path.endswith(".json"):
         try:
-            import yaml
-        except ImportError as exc:
-            raise ImportError("YAML run files need PyYAML: pip install pyyaml "
-                              "(or write the config as JSON)") from exc
-        run = yaml.safe_load(text)
-    elif path.endswith(".json"):
-        run = json.loads(text)
+            run = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"{path} is not valid JSON: {exc}") from None
     else:
-        raise ValueError(f"run config must end with .yaml, .yml or .json, got {path}")
+        import yaml
+
+        try:
+            run = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from None
     if not isinstance(run, dict):
-        raise ValueError(f"{path} must hold a mapping of sections {SECTIONS}")
-    unknown = sorted(set(run) - set(SECTIONS))
+        raise ConfigError(f"{path} must hold a mapping of sections {', '.join(SECTIONS)}")
+    unknown = set(run) - set(SECTIONS)
     if unknown:
-        raise ValueError(f"{path}: unknown sections {unknown}; known: {list(SECTIONS)}")
+        from .checks import unknown_keys_error
+
+        raise unknown_keys_error(path, unknown, SECTIONS)
     return run
 
 
-def _section(run: dict, name: str, required: bool = True) -> dict:
-    value = run.get(name)
-    if value is None:
-        if required:
-            raise ValueError(f"run config needs a '{name}' section")
-        return {}
-    if not isinstance(value, dict):
-        raise ValueError(f"run config section '{name}' must be a mapping, got {value!r}")
-    return value
-
-
-def load_pretrained(directory: str | os.PathLike, device=None):
+def load_pretrained(directory: str | os.PathLike, device=None, dtype=None):
     """An ``EncoderDecoderLM`` or ``DecoderOnlyLM`` saved with ``save_pretrained``."""
     from ..models import DecoderOnlyLM, EncoderDecoderLM
 
-    cfg_path = os.path.join(os.fspath(directory), "config.json")
+    directory = os.fspath(directory)
+    cfg_path = os.path.join(directory, "config.json")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"model folder not found: {directory}")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{directory} holds no config.json (not a saved model)")
-    with open(cfg_path, encoding="utf-8") as fh:
-        arch = json.load(fh).get("architecture", "encoder_decoder")
+    try:
+        with open(cfg_path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except ValueError as exc:
+        raise ConfigError(f"{cfg_path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cfg_path} must hold a JSON object")
+    arch = data.get("architecture", "encoder_decoder")
     classes = {"encoder_decoder": EncoderDecoderLM, "decoder_only": DecoderOnlyLM}
     if arch not in classes:
-        raise ValueError(f"{cfg_path}: unknown architecture {arch!r}")
-    model = classes[arch].from_pretrained(directory, device=device)
-    return model
+        raise ConfigError(f"{cfg_path}: unknown architecture {arch!r}")
+    return classes[arch].from_pretrained(directory, device=device, dtype=dtype)
 
 
 def load_teacher(spec: dict, device=None):
-    """``{path: dir}`` (a fastencdec model) or ``{hf: name}`` (transformers causal LM)."""
-    if "path" in spec:
-        return load_pretrained(spec["path"], device=device)
-    if "hf" in spec:
+    """``{path: dir}`` (a fastencdec model) or ``{hf: name}`` (transformers causal LM),
+    in ``spec["dtype"]`` (default fp32)."""
+    dtype = TEACHER_TORCH_DTYPES[spec.get("dtype") or "fp32"]
+    if spec.get("path"):
+        return load_pretrained(spec["path"], device=device, dtype=dtype)
+    if spec.get("hf"):
         try:
             from transformers import AutoModelForCausalLM
         except ImportError as exc:
             raise ImportError("teacher.hf needs the 'transformers' package: "
                               "pip install transformers") from exc
-        return AutoModelForCausalLM.from_pretrained(spec["hf"]).to(device or "cpu")
-    raise ValueError("teacher section needs 'path' (a saved fastencdec model) or 'hf' "
-                     "(a Hugging Face causal LM name or folder)")
+        model = AutoModelForCausalLM.from_pretrained(spec["hf"], dtype=dtype)
+        return model.to(device or "cpu")
+    raise ConfigError("teacher section needs 'path' (a saved fastencdec model) or 'hf' "
+                      "(a Hugging Face causal LM name or folder)")
 
 
-def _tokenizer(spec: dict, texts_for_training) -> Tokenizer:
-    if "path" in spec:
-        return Tokenizer.load(spec["path"])
-    if "train" in spec:
-        options = dict(spec["train"] or {})
-        return Tokenizer.train(texts_for_training(), **options)
-    raise ValueError("tokenizer section needs 'path' (a .model file) or 'train' (options)")
-
-
-def _build_model(spec: dict, tok: Tokenizer):
-    from ..models import DecoderOnlyConfig, DecoderOnlyLM, EncDecConfig, EncoderDecoderLM
-
-    if "path" in spec:
-        return load_pretrained(spec["path"]).train()
-    arch = spec.get("architecture", "encoder_decoder")
-    if arch not in ("encoder_decoder", "decoder_only"):
-        raise ValueError(f"model.architecture must be 'encoder_decoder' or 'decoder_only', "
-                         f"got {arch!r}")
-    overrides = dict(spec.get("overrides") or {})
-    n_layers = overrides.pop("n_layers", None)  # decoder-only: set directly, else sized
-    if n_layers is not None and arch != "decoder_only":
-        raise ValueError("model.overrides.n_layers is for architecture 'decoder_only'; an "
-                         "encoder-decoder takes n_encoder_layers / n_decoder_layers")
-    config = EncDecConfig.preset(spec.get("preset", "tiny"))
-    ids = dict(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, bos_token_id=tok.bos_id,
-               eos_token_id=tok.eos_id)
-    config = config.replace(**{**ids, **overrides})
-    if arch == "decoder_only":
-        twin = DecoderOnlyConfig.twin_of(config)
-        return DecoderOnlyLM(twin if n_layers is None else twin.replace(n_layers=n_layers))
-    return EncoderDecoderLM(config)
-
-
-def _examples(data: dict, task: str, tok: Tokenizer, records) -> tuple[list[dict], object]:
-    fmt = data.get("format", "text" if task == "pretrain" else "seq2seq")
-    fields = data.get("fields") or {}
-    if task == "pretrain":
-        if fmt != "text":
-            raise ValueError("task 'pretrain' reads raw text: data.format must be 'text'")
-        field = fields.get("text", "text")
-        chunks = chunk_tokens((tok.encode(r[field]) for r in records),
-                              int(data.get("chunk_length", 128)), separator=tok.eos_id)
-        if not chunks:
-            raise ValueError("the pretraining text is shorter than one chunk_length")
-        collate = SpanCorruptionCollator.for_tokenizer(
-            tok, noise_density=float(data.get("noise_density", 0.15)),
-            mean_span_length=float(data.get("mean_span_length", 3.0)),
-            seed=int(data.get("seed", 0)))
-        return chunks, collate
-    if fmt == "qa":
-        pairs = qa_to_seq2seq(records, **{f"{k}_field": v for k, v in fields.items()})
-    elif fmt == "seq2seq":
-        pairs = to_seq2seq(records, **{f"{k}_field": v for k, v in fields.items()})
-    else:
-        raise ValueError(f"data.format must be 'qa' or 'seq2seq' for task {task!r}, got {fmt!r}")
-    encoder = Seq2SeqEncoder(tok, max_source_len=int(data.get("max_source_len", 512)),
-                             max_target_len=int(data.get("max_target_len", 64)))
-    return encoder.encode_all(pairs), Seq2SeqCollator.for_tokenizer(tok)
-
-
-def run_training(run: dict, *, resume: str | None = None, device: str | None = None) -> str:
-    """Train as the run config says; returns the folder of the saved model."""
-    from .trainer import Trainer
-
-    task = run.get("task", "finetune")
-    training = dict(_section(run, "training", required=False))
-    training.setdefault("task", task)
-    if training["task"] != task:
-        raise ValueError(f"task is {task!r} but training.task is {training['task']!r}")
-    out_dir = run.get("output_dir") or training.get("out_dir")
-    if not out_dir:
-        raise ValueError("run config needs output_dir")
-    training["out_dir"] = out_dir
-    config = TrainConfig.from_dict(training)
-    info = init_distributed(device)
-
-    data = _section(run, "data")
-    if "train" not in data:
-        raise ValueError("data section needs 'train' (files or a dataset name)")
-    records = load_records(data["train"], split=data.get("split", "train"))
+# ---------------------------------------------------------------------- tokenizer
+def _run_tokenizer(run: dict, records, out_dir: str, is_main: bool, resuming: bool):
+    """The run's tokenizer: loaded, or trained once and kept in ``out_dir`` (a resumed
+    run loads the kept one, so its ids cannot change)."""
+    spec = run["tokenizer"]
+    if spec["path"] is not None:
+        return load_tokenizer(spec["path"], special_tokens=spec["special_tokens"] or None)
+    kept = os.path.join(out_dir, "tokenizer.model")
+    if resuming and os.path.isfile(kept):
+        return Tokenizer.load(kept)
+    options = dict(spec["train"])
 
     def corpus():
         for r in records:
             yield " ".join(str(v) for v in r.values() if isinstance(v, str))
 
-    tok = _tokenizer(_section(run, "tokenizer"), corpus)
-    examples, collate = _examples(data, task, tok, records)
-    sampler = LengthBucketBatchSampler([example_length(e) if "labels" in e
-                                        else len(e["input_ids"]) for e in examples],
-                                       int(data.get("batch_size", 16)), seed=config.seed)
+    tok = Tokenizer.train(corpus(), **options)
+    if is_main:
+        os.makedirs(out_dir, exist_ok=True)
+        tok.save(kept)
+    return tok
+
+
+def _teacher_vocab_map(spec: dict, tok):
+    """None when the teacher's ids mean the student's tokens (checked), else the
+    ``[V_student]`` teacher ids from the mapping file."""
+    mode = spec["vocab"]
+    if mode == "prefix":
+        return None
+    if mode != "identical":
+        return _read_vocab_map(mode, tok.vocab_size)
+    student = tok.pieces()
+    if spec.get("path"):
+        try:
+            teacher_pieces = load_tokenizer(spec["path"]).pieces()
+        except FileNotFoundError:
+            raise ConfigError(f"teacher.path {spec['path']} holds no tokenizer: cannot check "
+                              "that it shares the student's; set teacher.vocab: prefix to "
+                              "distil over the shared ids anyway") from None
+    else:
+        try:
+            from transformers import AutoTokenizer
+
+            hf_tok = AutoTokenizer.from_pretrained(spec["hf"])
+        except Exception as exc:  # missing files, offline, unknown class
+            raise ConfigError(f"cannot load the tokenizer of teacher.hf {spec['hf']!r} to check "
+                              f"that it equals the student's ({type(exc).__name__}); set "
+                              "teacher.vocab: prefix to distil over the shared ids anyway, or "
+                              "give a mapping file") from None
+        teacher_pieces = hf_tok.convert_ids_to_tokens(list(range(len(hf_tok))))
+    differ = [i for i, p in enumerate(student)
+              if i >= len(teacher_pieces) or teacher_pieces[i] != p]
+    if differ:
+        i = differ[0]
+        theirs = teacher_pieces[i] if i < len(teacher_pieces) else "(none)"
+        raise ConfigError(
+            f"the teacher's tokenizer differs from the student's ({len(differ)} of "
+            f"{len(student)} ids, e.g. id {i}: student {student[i]!r}, teacher {theirs!r}): "
+            "distillation compares the two distributions id by id, so it is refused; use the "
+            "teacher's tokenizer for the student (tokenizer.path), give teacher.vocab: a JSON "
+            "file mapping student ids to teacher ids, or teacher.vocab: prefix to accept the "
+            "shared id prefix as it is")
+    return None
+
+
+def _read_vocab_map(path: str, student_vocab: int) -> torch.Tensor:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except ValueError as exc:
+        raise ConfigError(f"teacher.vocab {path} is not valid JSON ({exc})") from None
+    if isinstance(data, dict):
+        try:
+            data = [data[str(i)] for i in range(student_vocab)]
+        except KeyError as exc:
+            raise ConfigError(f"teacher.vocab {path} has no teacher id for student id "
+                              f"{exc.args[0]}") from None
+    if (not isinstance(data, list) or len(data) != student_vocab
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in data)):
+        raise ConfigError(f"teacher.vocab {path} must list {student_vocab} teacher ids (ints "
+                          ">= 0), one per student id, or map each student id to one")
+    return torch.tensor(data, dtype=torch.long)
+
+
+# ---------------------------------------------------------------------- data formats
+def _pair_builder(to_example):
+    def build(records, tok, data: dict):
+        fields = data["fields"]
+        encoder = Seq2SeqEncoder(tok, max_source_len=data["max_source_len"],
+                                 max_target_len=data["max_target_len"])
+        examples = MappedSequence(records, lambda r: encoder(to_example(r, fields)))
+        return examples, approx_lengths(records), Seq2SeqCollator.for_tokenizer(tok)
+
+    return build
+
+
+def _qa(record, fields):
+    return qa_record(record, question_field=fields["question"], context_field=fields["context"],
+                     answer_field=fields["answer"])
+
+
+def _seq2seq(record, fields):
+    return seq2seq_record(record, source_field=fields["source"], target_field=fields["target"])
+
+
+def _text(records, tok, data: dict):
+    blocks = TextBlocks(records, tok, data["chunk_length"], field=data["fields"]["text"],
+                        separator=tok.eos_id)
+    collate = SpanCorruptionCollator.for_tokenizer(
+        tok, noise_density=data["noise_density"], mean_span_length=data["mean_span_length"],
+        seed=data["seed"])
+    return blocks, blocks.lengths(), collate
+
+
+# format -> builder(records, tokenizer, data section) -> (examples, lengths, collate);
+# a pair format also names how a record gives its answer (for generation metrics)
+DATA_BUILDERS = {"qa": _pair_builder(_qa), "seq2seq": _pair_builder(_seq2seq), "text": _text}
+ANSWERS = {"qa": lambda r, f: _qa(r, f)["target"], "seq2seq": lambda r, f: _seq2seq(r, f)["target"]}
+
+
+def build_evaluator(records, tok, data: dict, evaluation: dict):
+    """A fixed held-out set (the first ``eval.max_examples`` records)."""
+    from .evaluation import Evaluator
+
+    fmt = data["format"]
+    subset = [records[i] for i in range(min(len(records), evaluation["max_examples"]))]
+    if not subset:
+        raise ConfigError("data.valid holds no records")
+    examples, _, collate = DATA_BUILDERS[fmt](subset, tok, data)
+    examples = list(examples)
+    if fmt == "text":  # corrupt once, with a fixed seed: the same held-out batch every time
+        rng = np.random.default_rng(data["seed"])
+        pairs = [span_corrupt(e["input_ids"], tok.sentinel_ids, tok.eos_id, rng,
+                              noise_density=data["noise_density"],
+                              mean_span_length=data["mean_span_length"]) for e in examples]
+        examples = [{"input_ids": x, "labels": y} for x, y in pairs]
+        collate = Seq2SeqCollator.for_tokenizer(tok)
+    references = None
+    if evaluation["generate"]:
+        references = [ANSWERS[fmt](r, data["fields"]) for r in subset]
+    return Evaluator(examples, collate, references=references, tokenizer=tok,
+                     batch_size=evaluation["batch_size"],
+                     max_new_tokens=evaluation["max_new_tokens"])
+
+
+def _build_model(spec: dict, tok):
+    from ..models import DecoderOnlyConfig, DecoderOnlyLM, EncDecConfig, EncoderDecoderLM
+
+    if spec["path"] is not None:
+        model = load_pretrained(spec["path"]).train()
+        if model.config.vocab_size != tok.vocab_size:
+            raise ConfigError(f"model.path {spec['path']} has a vocabulary of "
+                              f"{model.config.vocab_size} but the tokenizer has {tok.vocab_size}")
+        return model
+    overrides = dict(spec["overrides"])
+    n_layers = overrides.pop("n_layers", None)
+    config = EncDecConfig.preset(spec["preset"] or "tiny")
+    ids = dict(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, bos_token_id=tok.bos_id,
+               eos_token_id=tok.eos_id)
+    config = config.replace(**{**overrides, **ids})
+    if spec["architecture"] == "decoder_only":
+        twin = DecoderOnlyConfig.twin_of(config)
+        return DecoderOnlyLM(twin if n_layers is None else twin.replace(n_layers=n_layers))
+    return EncoderDecoderLM(config)
+
+
+def _fingerprint(run: dict) -> dict:
+    """The settings besides ``training`` that make a different run."""
+    data = {k: v for k, v in run["data"].items() if k not in ("valid", "valid_split")}
+    return {"data": data, "tokenizer": run["tokenizer"], "model_spec": run["model"],
+            "teacher": run["teacher"]}
+
+
+def run_training(run: dict, *, resume: str | None = None, device: str | None = None,
+                 overwrite: bool = False, force_resume: bool = False,
+                 threads: int | None = None) -> str:
+    """Train as the run config says; returns the folder of the saved model.
+
+    On SIGINT/SIGTERM the model is saved too, then
+    :class:`~fastencdec.training.TrainingInterrupted` propagates."""
+    from .trainer import Trainer
+
+    run = validate_run(run)
+    training = dict(run["training"])
+    training["overwrite"] = overwrite or training.get("overwrite", False)
+    config = TrainConfig.from_dict(training)
+    out_dir = run["output_dir"]
+    info = init_distributed(device)
+    if info.is_main:
+        prepare_output_dir(out_dir, resume=resume is not None, overwrite=config.overwrite)
+    barrier()
+    data = run["data"]
+    records = load_records(data["train"], split=data["split"], name=data["name"])
+    if len(records) == 0:
+        raise ConfigError(f"data.train {data['train']} holds no records")
+    tok = _run_tokenizer(run, records, out_dir, info.is_main, resuming=resume is not None)
+    examples, lengths, collate = DATA_BUILDERS[data["format"]](records, tok, data)
+    evaluator = None
+    if data["valid"] is not None:
+        valid = load_records(data["valid"], split=data["valid_split"], name=data["name"])
+        evaluator = build_evaluator(valid, tok, data, run["eval"])
+    sampler = LengthBucketBatchSampler(lengths, data["batch_size"], seed=config.seed)
     stream = BatchStream(examples, sampler, collate, rank=info.rank, world_size=info.world_size)
     torch.manual_seed(config.seed)
-    model = _build_model(_section(run, "model"), tok)
-    teacher = load_teacher(_section(run, "teacher"), info.device) if task == "distill" else None
-    trainer = Trainer(model, config, stream, teacher=teacher, dist_info=info)
-    trainer.train(resume=resume)
+    model = _build_model(run["model"], tok)
+    n_threads, why = choose_threads(threads, device=info.device,
+                                    params=model.num_parameters())
+    teacher, vocab_map = None, None
+    if run["task"] == "distill":
+        vocab_map = _teacher_vocab_map(run["teacher"], tok)
+        teacher = load_teacher(run["teacher"], info.device)
+    trainer = Trainer(model, config, stream, teacher=teacher, dist_info=info,
+                      evaluator=evaluator, fingerprint=_fingerprint(run),
+                      teacher_vocab_map=vocab_map)
+    if info.device.type == "cpu":
+        trainer.notes.insert(0, f"CPU threads: {n_threads} ({why})")
+        warn_if_oversubscribed(n_threads)
+    # the resume decision was made above: the trainer must not clear the folder again
+    trainer.config.overwrite = False
     model_dir = os.path.join(out_dir, "model")
-    trainer.save_model(model_dir)
-    if info.is_main:
-        tok.save(os.path.join(model_dir, "tokenizer.model"))
+    try:
+        trainer.train(resume=resume, force_resume=force_resume)
+    except TrainingInterrupted:
+        _save_model(trainer, tok, model_dir, info.is_main)
+        trainer.close()
+        raise
+    _save_model(trainer, tok, model_dir, info.is_main)
     trainer.close()
     return model_dir
+
+
+def _save_model(trainer, tok, model_dir: str, is_main: bool) -> None:
+    trainer.save_model(model_dir)
+    if is_main:
+        tok.save(model_dir)
+        best = os.path.join(os.path.dirname(model_dir), "best_model")
+        if os.path.isdir(best):
+            tok.save(best)
