@@ -582,12 +582,12 @@ def targets(rows: list[dict], args, meaningless: bool) -> list[dict]:
     ours = [r for r in rows if r["engine"] == "fastencdec" and r["arch"] == ENCDEC]
     out = []
 
-    def add(goal, row, value, limit, met, unit=""):
+    def add(goal, batch, row, value, limit, met, unit=""):
         status = "n/a" if met is None else ("met" if met else "not met")
         if met is not None and not standard:  # the goals are stated for that setting only
             status = f"n/a (not the target setting; would be {status})"
         out.append({"target": goal, "engine": row["label"] if row else None,
-                    "batch": row["batch"] if row else None, "value": value, "limit": limit,
+                    "batch": batch, "value": value, "limit": limit,
                     "unit": unit, "status": status + (" (busy machine: not evidence)"
                                                       if meaningless and met is not None else "")})
 
@@ -597,8 +597,9 @@ def targets(rows: list[dict], args, meaningless: bool) -> list[dict]:
             (8, "batch 8 >= 130 tokens/s (fastest format)", "tokens_per_s", 130, max)):
         cands = [r for r in ours if r["batch"] == batch]
         best = better(cands, key=lambda r: r[key]) if cands else None
-        met = None if best is None else (best[key] <= limit if better is min else best[key] >= limit)
-        add(goal, best, best[key] if best else None, limit, met)
+        met = None if best is None else (
+            best[key] <= limit if better is min else best[key] >= limit)
+        add(goal, batch, best, best[key] if best else None, limit, met)
     for fmt, peer_key, limit, goal in (
             ("int8", "x_ct2_int8", 1.2, "int8 >= 1.2x CTranslate2 int8 end to end"),
             ("bf16", "x_ct2_fp32", 1.5, "bf16 >= 1.5x CTranslate2 fp32 end to end"),
@@ -606,14 +607,14 @@ def targets(rows: list[dict], args, meaningless: bool) -> list[dict]:
         for batch in args.batch_sizes:
             row = find(ours, format=fmt, batch=batch)
             value = row.get(peer_key) if row else None
-            add(goal, row, value, limit, None if value is None else value >= limit, "x")
+            add(goal, batch, row, value, limit, None if value is None else value >= limit, "x")
     for fmt, peer_fmt in (("int8", "int8"), ("fp32", "float32")):
         for batch in args.batch_sizes:
             row = find(ours, format=fmt, batch=batch)
             peer = find(rows, engine="ctranslate2", format=peer_fmt, arch=ENCDEC, batch=batch)
             ok = (None if not (row and peer and row["peak_rss_mib"] and peer["peak_rss_mib"])
                   else row["peak_rss_mib"] <= 1.2 * peer["peak_rss_mib"])
-            add(f"{fmt} peak RSS <= CTranslate2 {CT2_LABEL[peer_fmt]} + 20%", row,
+            add(f"{fmt} peak RSS <= CTranslate2 {CT2_LABEL[peer_fmt]} + 20%", batch, row,
                 row["peak_rss_mib"] if row else None,
                 1.2 * peer["peak_rss_mib"] if peer and peer["peak_rss_mib"] else None, ok, "MiB")
     return out
