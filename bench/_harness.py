@@ -27,6 +27,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -458,6 +459,37 @@ def banner(verdict: dict) -> str:
     if not verdict["numbers_mean_nothing"]:
         return ""
     return "NUMBERS MEAN NOTHING: " + "; ".join(verdict["reasons"])
+
+
+# -- fresh processes ------------------------------------------------------------------------
+class ChildFailed(RuntimeError):
+    """A measurement process exited badly; the message holds the end of its output."""
+
+
+def run_child(script: Path, args: Sequence[str], *, env: Mapping[str, str] | None = None,
+              timeout: float = 3600) -> dict:
+    """Run ``python script *args --result FILE`` in a fresh process (its own peak RSS,
+    allocator and thread pools) and return the JSON it wrote to FILE."""
+    with tempfile.TemporaryDirectory(prefix="fastencdec-bench-") as tmp:
+        result_file = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(script), *args, "--result", str(result_file)]
+        try:
+            proc = subprocess.run(cmd, env=None if env is None else dict(env),
+                                  capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise ChildFailed(f"timed out after {timeout:.0f} s") from None
+        if proc.returncode != 0 or not result_file.is_file():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
+            raise ChildFailed(f"exit code {proc.returncode}: " + " | ".join(tail))
+        return json.loads(result_file.read_text())
+
+
+def thread_env(threads: int) -> dict:
+    """This environment with every OpenMP/BLAS runtime limited to ``threads``."""
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(_positive_int("threads", threads))
+    return env
 
 
 # -- tables ---------------------------------------------------------------------------------

@@ -44,7 +44,6 @@ import random
 import re
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -428,30 +427,15 @@ def ensure_prepared(kind: str, arch: str, config: dict, root: Path, env: dict) -
 
 
 # ====================================================================== parent side
-class ChildFailed(RuntimeError):
-    pass
+ChildFailed = harness.ChildFailed
 
 
 def _child(args: list[str], env: dict, timeout: float) -> dict:
-    """Run this script in a fresh process; its result is the JSON it writes to a file."""
-    with tempfile.TemporaryDirectory(prefix="fastencdec-bench-") as tmp:
-        result_file = Path(tmp) / "result.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), *args, "--result", str(result_file)]
-        try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise ChildFailed(f"timed out after {timeout:.0f} s") from None
-        if proc.returncode != 0 or not result_file.is_file():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
-            raise ChildFailed(f"exit code {proc.returncode}: " + " | ".join(tail))
-        return json.loads(result_file.read_text())
+    return harness.run_child(Path(__file__).resolve(), args, env=env, timeout=timeout)
 
 
 def child_env(threads: int) -> dict:
-    env = dict(os.environ)
-    # Every engine gets the same thread budget, OpenMP runtimes included.
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[var] = str(threads)
+    env = harness.thread_env(threads)  # every engine gets the same thread budget
     env["TOKENIZERS_PARALLELISM"] = "false"
     env["HF_HUB_OFFLINE"] = "1"  # nothing is ever downloaded
     env["TRANSFORMERS_VERBOSITY"] = "error"
