@@ -352,3 +352,56 @@ def test_quick_run_end_to_end(tmp_path):
     assert "numbers_mean_nothing" in record["validity"]
     assert all(t["status"].startswith("n/a") for t in record["targets"])
     assert "| engine (encoder-decoder) |" in proc.stdout
+
+
+# -- the profile's attribution ---------------------------------------------------------------
+def test_profile_attributes_every_category(tmp_path, one_thread):
+    """A tiny model's profile: encoder GEMMs only in the prefill, the LM head and the
+    decoder GEMMs in each step, every attention op call seen, and the counted op time
+    within the profiled wall time."""
+    import fastencdec
+    import profile_generate
+
+    cfg = fastencdec.EncDecConfig.preset("tiny")
+    torch.manual_seed(0)
+    fastencdec.EncoderDecoderLM(cfg).save_pretrained(tmp_path / "fp32")
+    new_tokens = 5
+    spec = {"engine": "fastencdec", "format": "fp32-plain", "arch": "encoder_decoder",
+            "batch": 2, "input_len": 16, "new_tokens": new_tokens, "threads": 1,
+            "device": "cpu", "vocab_size": cfg.vocab_size, "model_dir": str(tmp_path),
+            "repeats": 1}
+    res = profile_generate.profile_worker(spec)
+    pre, dec = res["prefill"], res["decode"]
+    assert set(pre) == set(dec) == set(profile_generate.CATEGORIES)
+    assert pre["encoder GEMMs"] > 0 and dec["encoder GEMMs"] == 0
+    for cat in ("decoder GEMMs", "LM head", "attention ops", "norms/activations"):
+        assert dec[cat] > 0, cat
+    steps = new_tokens  # BOS and every new token but the last go through the decoder
+    calls = res["op_calls"]
+    assert calls["decode_attention"] == calls["append_kv_cache"] == steps * cfg.n_decoder_layers
+    assert calls["cross_attention"] == steps * cfg.n_decoder_layers
+    assert calls["self_attention"] == cfg.n_encoder_layers
+    for phase in ("prefill", "decode"):
+        counted = sum(v for c, v in res[phase].items() if c != "overhead")
+        assert counted <= res["profiled_wall_ms"][phase] * 1.001
+        assert res[f"{phase}_overhead_in_profiled_run_ms"] == pytest.approx(
+            res["profiled_wall_ms"][phase] - counted)
+    from fastencdec import ops
+
+    for name in profile_generate.WRAPPED_OPS:  # the profile's wrappers are gone again
+        if hasattr(ops, name):
+            assert getattr(ops, name).__module__.startswith("fastencdec"), name
+
+
+def test_module_kinds():
+    import fastencdec
+    import profile_generate
+
+    with torch.device("meta"):
+        model = fastencdec.EncoderDecoderLM(fastencdec.EncDecConfig.preset("tiny"))
+    kinds = {name: profile_generate.module_kind(name, m) for name, m in model.named_modules()
+             if name}
+    assert kinds["lm_head"] == "linear" and kinds["encoder.0.mlp.fc1"] == "linear"
+    assert kinds["encoder_norm"] == "norm" and kinds["encoder.0.mlp"] == "mlp"
+    assert kinds["embed"] == "other"
+    assert kinds["decoder.0.cross_attn"] == "attention"
