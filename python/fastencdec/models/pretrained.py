@@ -102,7 +102,7 @@ def check_weights_header(model_cls, config, header: dict[str, tuple[str, tuple[i
         if len(indices) != want or gap is not None:
             detail = "" if gap is None else f" (numbered with a gap: layer {gap} is absent)"
             raise ValueError(f"{config_name} says {field}={want} but {weights} holds "
-                             f"{len(indices)} {lst} layer(s){detail}")
+                             f"{len(indices)} of them ({lst}.*){detail}")
 
     expected = dict(top)
     for lst, names in per_layer.items():
