@@ -118,6 +118,18 @@ def test_huge_layer_count_fails_before_building(tmp_path, monkeypatch, layers):
     assert max(recorder.built, default=0) <= 3  # only the one/two-layer probe
 
 
+@pytest.mark.parametrize("changes", [dict(d_model=2**30), dict(d_ff=2**31 - 1),
+                                     dict(vocab_size=2**31 - 1)])
+def test_huge_widths_fail_before_building_anything(tmp_path, monkeypatch, changes):
+    _, directory = saved(tmp_path)
+    edit_config(directory, **changes)
+    recorder = BuildRecorder(monkeypatch, EncoderDecoderLM)
+    with pytest.raises(ValueError, match=r"config.json describes layers and embeddings far "
+                                         r"larger than .*model.safetensors holds"):
+        EncoderDecoderLM.from_pretrained(directory)
+    assert recorder.built == []
+
+
 ENCDEC_MISMATCHES = [
     (dict(d_model=128), r"tensor 'embed.weight' has shape \[512, 64\] but .* implies \[512, 128\]"),
     (dict(vocab_size=1000), r"'embed.weight' has shape \[512, 64\] but .* implies \[1000, 64\]"),

@@ -13,6 +13,7 @@ away: a config that says tied while the file holds a different head is refused.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -69,9 +70,20 @@ def check_weights_header(model_cls, config, header: dict[str, tuple[str, tuple[i
     holds, without building it: a model with one or two layers per stack is built on
     the ``meta`` device for the per-layer names and shapes, so the work is bounded by
     the file's header, never by the layer counts ``config`` claims."""
-    counts = {field: j + 1 for j, field in enumerate(config._layer_fields)}
+    # A size cap before anything is built: with one or two layers per stack the config
+    # may not claim (much) more parameters than the file holds values, which bounds the
+    # widths; the layer counts are then compared with the file's layer names.
+    held = sum(math.prod(shape) for _, shape in header.values())
+    small_config = config.replace(**{f: j + 1 for j, f in enumerate(config._layer_fields)})
+    if small_config.num_parameters() > 2 * held + 1_000_000:
+        raise ValueError(
+            f"{config_name} describes layers and embeddings far larger than {weights} holds "
+            f"({small_config.num_parameters():,} parameters with one or two layers per stack, against "
+            f"{held:,} stored values; d_model={config.d_model}, d_ff={config.d_ff}, "
+            f"vocab_size={config.vocab_size}, n_heads={config.n_heads}, "
+            f"head_dim={config.head_dim})")
     with torch.device("meta"):
-        small = model_cls(config.replace(**counts))
+        small = model_cls(small_config)
     lists = _layer_lists(small, config)
     params = small.state_dict(keep_vars=True)
     first_name = {}  # a tied parameter's first name: lm_head.weight -> embed.weight
