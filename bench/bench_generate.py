@@ -292,7 +292,8 @@ def run_worker(spec: dict) -> dict:
             "path": engine.path, "rss_model_ready_mib": rss_ready,
             "peak_rss_serving_mib": serving,
             "peak_rss_process_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "device_peak_mib": engine.device_peak_mib(), "first_token_curve": curve}
+            "device_peak_mib": engine.device_peak_mib(), "first_token_curve": curve,
+            "torch_imported": "torch" in sys.modules}  # RSS fairness: peers load no torch
 
 
 # ==================================================================== model preparation
@@ -517,6 +518,7 @@ def aggregate(spec: dict, results: list[dict]) -> dict:
         "rss_model_ready_mib": peak("rss_model_ready_mib"),
         "device_peak_mib": peak("device_peak_mib"),
         "load_s": harness.summarize([r["load_s"] for r in results]).median,
+        "torch_imported": any(r.get("torch_imported") for r in results),
         "first_token": first.to_dict(), "total": total.to_dict(),
         "first_token_curve": results[0].get("first_token_curve") or []}
     return row
@@ -650,7 +652,9 @@ def readme_table(rows: list[dict], arch: str, batches: list[int]) -> str:
 
 def print_report(record: dict, batches: list[int]) -> None:
     rows = record["rows"]
-    print(harness.format_table(rows, MAIN_COLUMNS))
+    gpu_col = [harness.Column("device_peak_mib", "GPU peak MiB", ".0f")] if any(
+        r.get("device_peak_mib") for r in rows) else []
+    print(harness.format_table(rows, MAIN_COLUMNS + gpu_col))
     print("\nx <peer> = the peer's total time / this row's (> 1: faster than the peer), same "
           "architecture and batch")
     if record["encdec_vs_deconly"]:
@@ -686,7 +690,8 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true",
                    help="tiny preset, 32 tokens in, 8 out, batch 1 and 2, one round (a smoke "
                         "run: its numbers mean nothing)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="default: cuda when present (fastencdec bf16, batch 1 8 32), else cpu")
     p.add_argument("--threads", type=int, default=2, help="threads of every engine")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     p.add_argument("--input-len", type=int, default=None)
@@ -715,11 +720,20 @@ def parse_args(argv):
     args = p.parse_args(argv)
     q = args.quick
     args.preset = args.preset or ("tiny" if q else "mu-330m")
-    args.batch_sizes = args.batch_sizes or ([1, 2] if q else [1, 8])
+    if args.worker or args.prepare:
+        return args, p  # a measurement process: its job says everything (and no torch here)
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = args.device == "cuda"
+    args.batch_sizes = args.batch_sizes or ([1, 2] if q else [1, 8, 32] if gpu else [1, 8])
     args.input_len = args.input_len or (32 if q else 512)
     args.new_tokens = args.new_tokens or (8 if q else 128)
     args.rounds = args.rounds or (1 if q else 3)
-    args.formats = args.formats or (["fp32", "bf16"] if q else ["fp32", "bf16", "int8"])
+    # On a GPU the plain module runs (to_inference targets the CPU).
+    args.formats = args.formats or (["bf16-plain"] if gpu else ["fp32", "bf16"] if q
+                                    else ["fp32", "bf16", "int8"])
     for name in ("threads", "input_len", "new_tokens", "rounds", "repeats", "warmup_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -342,6 +342,8 @@ def test_quick_run_end_to_end(tmp_path):
         assert {("CTranslate2 int8", "encoder_decoder"),
                 ("transformers eager fp32", "encoder_decoder")} <= labels
         assert record["prepared"]["peer encoder_decoder"]["ct2_matches_transformers"] is True
+        ct2 = bench_generate.find(record["rows"], engine="ctranslate2")
+        assert ct2["torch_imported"] is False  # its peak RSS holds no torch runtime
     else:
         assert ("fastencdec fp32", "decoder_only") in labels
     for row in record["rows"]:
