@@ -28,11 +28,11 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..models import DecoderOnlyLM, EncoderDecoderLM, inputs
-from ..models.outputs import IGNORE_INDEX, LMOutput, lm_loss
+from ..models import DecoderOnlyLM, EncoderDecoderLM, LMOutput
 from .anyres import ProcessedImage, process_image, stack_images
 from .config import VLMConfig
 from .projector import Projector
@@ -43,6 +43,56 @@ __all__ = ["EncoderDecoderVLM", "DecoderOnlyVLM", "load_vlm", "pack_left"]
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 PARTS = ("vision", "projector", "lm")
+IGNORE_INDEX = -100
+_INT = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+# -- argument checks (clear errors naming the argument) -------------------------------------
+def _token_ids(name: str, ids, vocab_size: int) -> torch.Tensor:
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in _INT:
+        raise TypeError(f"{name} must be an integer torch.Tensor [batch, seq]")
+    if ids.dim() != 2 or 0 in ids.shape:
+        raise ValueError(f"{name} must be 2-D [batch, seq] and non-empty, got {list(ids.shape)}")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{name} values must lie in [0, vocab_size={vocab_size}), "
+                         f"got [{lo}, {hi}]")
+    return ids.long()
+
+
+def _mask(name: str, mask, shape, device) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or (mask.dtype != torch.bool and mask.dtype not in _INT):
+        raise TypeError(f"{name} must be a bool (or 0/1 integer) torch.Tensor")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"{name} is on {mask.device}, expected {device}")
+    if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError(f"{name} must hold only 0 and 1")
+    return mask.bool()
+
+
+def _labels(name: str, labels, shape, vocab_size: int) -> torch.Tensor:
+    if not isinstance(labels, torch.Tensor) or labels.dtype not in _INT:
+        raise TypeError(f"{name} must be an integer torch.Tensor")
+    if shape is not None and tuple(labels.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(labels.shape)}")
+    if labels.dim() != 2 or 0 in labels.shape:
+        raise ValueError(f"{name} must be 2-D [batch, seq], got {list(labels.shape)}")
+    real = labels[labels != IGNORE_INDEX]
+    if real.numel() and (int(real.min()) < 0 or int(real.max()) >= vocab_size):
+        raise ValueError(f"{name} values must lie in [0, vocab_size={vocab_size}) or be "
+                         f"{IGNORE_INDEX}")
+    return labels.long()
+
+
+def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean CE over labels != -100, in fp32 (0 when every label is ignored)."""
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                             ignore_index=IGNORE_INDEX, reduction="sum")
+    return losses / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def pack_left(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +186,8 @@ class _VisionLanguageModel(nn.Module):
         if image_crop_mask is None:
             image_crop_mask = torch.ones(image_pixels.shape[:2], dtype=torch.bool,
                                          device=image_pixels.device)
-        mask = inputs.attention_mask("image_crop_mask", image_crop_mask, image_pixels[..., 0, 0, 0])
+        mask = _mask("image_crop_mask", image_crop_mask, image_pixels.shape[:2],
+                     image_pixels.device)
         if mask.shape[1] > 1 and bool((mask[:, 1:] & ~mask[:, :-1]).any()):
             raise ValueError("image_crop_mask: each row's real crops must come first "
                              "(True before False)")
@@ -162,8 +213,8 @@ class _VisionLanguageModel(nn.Module):
         return tokens.reshape(b, c * p, d), mask.repeat_interleave(p, dim=1)
 
     def _text(self, input_ids, attention_mask):
-        ids = inputs.token_ids("input_ids", input_ids, self.config.text.vocab_size)
-        mask = inputs.attention_mask("attention_mask", attention_mask, ids)
+        ids = _token_ids("input_ids", input_ids, self.config.text.vocab_size)
+        mask = _mask("attention_mask", attention_mask, ids.shape, ids.device)
         if mask is None:
             mask = torch.ones_like(ids, dtype=torch.bool)
         return self.embed(ids), mask
@@ -307,19 +358,20 @@ class EncoderDecoderVLM(_VisionLanguageModel):
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("forward needs decoder_input_ids or labels")
-            decoder_input_ids = self.lm.shift_right(
-                inputs.labels("labels", labels, None, text.vocab_size))
+            decoder_input_ids = self.lm.shift_right(_labels("labels", labels, None,
+                                                            text.vocab_size))
         states, mask = self.encode_with_mask(input_ids, attention_mask, image_pixels=image_pixels,
                                              image_crop_mask=image_crop_mask, images=images)
-        dec_ids = inputs.token_ids("decoder_input_ids", decoder_input_ids, text.vocab_size)
-        dmask = inputs.attention_mask("decoder_attention_mask", decoder_attention_mask, dec_ids)
+        dec_ids = _token_ids("decoder_input_ids", decoder_input_ids, text.vocab_size)
+        dmask = _mask("decoder_attention_mask", decoder_attention_mask, dec_ids.shape,
+                      dec_ids.device)
         logits = self.lm_head(self.lm.decode(dec_ids, states, mask, dmask))
         loss = None
         if labels is not None:
-            labels = inputs.labels("labels", labels, dec_ids.shape, text.vocab_size)
+            labels = _labels("labels", labels, dec_ids.shape, text.vocab_size)
             if dmask is not None:
                 labels = labels.masked_fill(~dmask, IGNORE_INDEX)
-            loss = lm_loss(logits, labels)
+            loss = _lm_loss(logits, labels)
         return LMOutput(logits=logits, loss=loss)
 
     @torch.no_grad()
@@ -377,10 +429,10 @@ class DecoderOnlyVLM(_VisionLanguageModel):
         if labels is not None:
             if input_ids is None:
                 raise ValueError("labels need input_ids")
-            labels = inputs.labels("labels", labels, input_ids.shape, text.vocab_size)
+            labels = _labels("labels", labels, input_ids.shape, text.vocab_size)
             if attention_mask is not None:
                 labels = labels.masked_fill(~attention_mask.bool(), IGNORE_INDEX)
-            loss = lm_loss(logits[:, :-1], labels[:, 1:])
+            loss = _lm_loss(logits[:, :-1], labels[:, 1:])
         return LMOutput(logits=logits, loss=loss)
 
     @torch.no_grad()
