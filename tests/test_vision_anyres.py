@@ -131,6 +131,8 @@ def test_crop_std_hand_computed():
     stds = crop_std(crops)
     r = 0.299 * 255
     np.testing.assert_allclose(stds, [0.0, 127.5, np.std([r, 0, 0, 0])], rtol=1e-12)
+    flat = np.full((1, 5, 5, 3), (235, 235, 228), dtype=np.uint8)
+    assert crop_std(flat)[0] == 0.0  # exactly: flat crops tie at zero, never at 1e-14 noise
 
 
 def test_select_top_k_ties_and_large_k(seed):

@@ -111,6 +111,10 @@ def cmd_selfcheck(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    if args.vision:  # the vision-language demo lives in fastencdec.vision
+        from .vision.cli import run_vision_demo_command
+
+        return run_vision_demo_command(args)
     from .training.demo import DemoSettings, run_demo
 
     settings = DemoSettings.for_mode(quick=args.quick, size=args.size, device=args.device,
@@ -180,6 +184,10 @@ def _to_inference(model, dtype: str):
 
 
 def cmd_generate(args) -> int:
+    if args.image:  # a vision-language model: fastencdec.vision
+        from .vision.cli import generate_with_images
+
+        return generate_with_images(args)
     from .data import format_qa_prompt, load_tokenizer
     from .training.run_config import load_pretrained
     from .training.threads import choose_threads, warn_if_oversubscribed
@@ -255,6 +263,8 @@ def args_selfcheck(p):
 
 def args_demo(p):
     p.add_argument("--quick", action="store_true", help="reduced run for CI (< 1 minute)")
+    p.add_argument("--vision", action="store_true",
+                   help="the vision-language demo (synthetic visual QA) instead")
     _device_arg(p)
     p.add_argument("--size", default="small", choices=("small", "medium", "large"),
                    help="model and data size (medium/large are for GPUs)")
@@ -307,6 +317,9 @@ def args_generate(p):
                    help="input text (repeat for a batch); a question with --context")
     p.add_argument("--context", default=None,
                    help="wrap each prompt as a question about this context (QA format)")
+    p.add_argument("--image", action="append", default=None,
+                   help="image file for a vision-language model (once for all prompts, or "
+                        "once per --prompt)")
     p.add_argument("--tokenizer", default=None, help="default: the one in --model")
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=64)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy")

@@ -21,8 +21,10 @@ def crop_std(crops: np.ndarray) -> np.ndarray:
     crops = np.asarray(crops)
     if crops.ndim != 4 or crops.shape[-1] != 3:
         raise ValueError(f"crops must be [n, S, S, 3] RGB, got shape {list(crops.shape)}")
-    gray = crops.astype(np.float64) @ LUMA
-    return gray.reshape(len(crops), -1).std(axis=1)
+    gray = (crops.astype(np.float64) @ LUMA).reshape(len(crops), -1)
+    # std is shift-invariant; shifting by each crop's first pixel makes a flat crop
+    # exactly 0 (its float mean would otherwise round to a 1e-14-ish spread)
+    return (gray - gray[:, :1]).std(axis=1)
 
 
 def select_top_k(scores: np.ndarray, k: int) -> np.ndarray:
