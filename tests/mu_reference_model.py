@@ -95,7 +95,10 @@ class MuReference:
     float64: a rounding-free yardstick, not the reference's own numerics)."""
 
     def __init__(self, state: dict[str, torch.Tensor], config: dict,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, mask_decoder_pads: bool = True):
+        # mask_decoder_pads=False is *not* the reference: a variant that lets tests show
+        # that a case depends on masking generated pad tokens.
+        self.mask_decoder_pads = mask_decoder_pads
         self.dtype = dtype
         self.w = {k: v.to(dtype) for k, v in state.items()}
         self.c = config
@@ -176,6 +179,8 @@ class MuReference:
     def decoder_hidden(self, dec_ids, enc_states, enc_mask):
         """Final decoder states (after ``ln_f``), before the LM head."""
         mask = dec_ids != self.c["pad_token_id"]
+        if not self.mask_decoder_pads:
+            mask = torch.ones_like(mask)
         x = self.w["transformer.wte.weight"][dec_ids]
         for i in range(self.c["n_decoder_layer"]):
             p = f"transformer.h.{i}"

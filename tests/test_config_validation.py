@@ -12,6 +12,7 @@ import random
 import numpy as np
 import pytest
 
+from fastencdec.models import size_decoder_only_to, size_encdec_to_budget
 from fastencdec.models.config import (
     MAX_CONFIG_FILE_BYTES,
     MAX_INT,
@@ -196,3 +197,24 @@ def test_load_refuses_non_utf8_and_huge_files(tmp_path):
         EncDecConfig.load(path)
     with pytest.raises(FileNotFoundError, match="nowhere.json"):
         EncDecConfig.load(tmp_path / "nowhere.json")
+
+
+# -- sizing: bounded work ---------------------------------------------------------------------
+NARROW = dict(d_model=64, d_ff=128, n_heads=2, n_kv_heads=1, head_dim=32, vocab_size=100,
+              eos_token_id=2)
+
+
+@pytest.mark.parametrize("budget", [1e15, 2**62])
+def test_sizing_refuses_budgets_needing_absurd_layer_counts(budget):
+    with pytest.raises(ValueError, match="would need more than 100,000 layers"):
+        size_encdec_to_budget(budget, **NARROW)
+    with pytest.raises(ValueError, match=r"would need [\d,]+ layers of these widths"):
+        size_decoder_only_to(budget, **NARROW)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -1.0, 0, True, "1e9"])
+def test_sizing_refuses_bad_budgets(bad):
+    with pytest.raises(ValueError, match="n_params must be a positive finite number"):
+        size_encdec_to_budget(bad)
+    with pytest.raises(ValueError, match="split must be two positive numbers"):
+        size_encdec_to_budget(1e8, (1, math.inf))
