@@ -78,8 +78,8 @@ def check_weights_header(model_cls, config, header: dict[str, tuple[str, tuple[i
     if small_config.num_parameters() > 2 * held + 1_000_000:
         raise ValueError(
             f"{config_name} describes layers and embeddings far larger than {weights} holds "
-            f"({small_config.num_parameters():,} parameters with one or two layers per stack, against "
-            f"{held:,} stored values; d_model={config.d_model}, d_ff={config.d_ff}, "
+            f"({small_config.num_parameters():,} parameters with one or two layers per "
+            f"stack, against {held:,} stored values; d_model={config.d_model}, d_ff={config.d_ff}, "
             f"vocab_size={config.vocab_size}, n_heads={config.n_heads}, "
             f"head_dim={config.head_dim})")
     with torch.device("meta"):
