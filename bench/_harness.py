@@ -10,6 +10,16 @@ whether a run's numbers mean anything.
 - ``result_path()``: ``bench/results/<name>_<device>_<YYYYmmdd-HHMMSS>.json``, never
   an existing file; ``Run`` ties metadata, verdict and file together.
 - ``format_table()``: aligned text or markdown from rows of dicts.
+- ``run_child()``: one measurement in a fresh process (its own peak RSS and threads).
+
+A benchmark script, in short::
+
+    run = harness.Run("decode", device="cuda")            # metadata + load monitor
+    timer = harness.Timer(warmup=3, repeats=50, device="cuda", l2_flush_bytes=256 << 20)
+    rows = [{"shape": s, "ms": timer(lambda: kernel(s)).median * 1e3} for s in shapes]
+    print(harness.format_table(rows, [harness.Column("shape", "shape"),
+                                      harness.Column("ms", "ms", ".3f")]))
+    run.finish({"rows": rows})   # -> bench/results/decode_cuda-nvidia-h200_<stamp>.json
 
 Only the standard library is imported at module level, so a benchmark's worker process
 that measures a peer (CTranslate2, ...) does not pay for importing torch.
