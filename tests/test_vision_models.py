@@ -251,3 +251,48 @@ def test_bad_image_inputs(seed, arch):
         run(ids, mask, image_pixels=pixels, images=[None, None, None])
     with pytest.raises(ValueError, match="crop_size"):
         VLMConfig(text=TEXT, vision=VISION, anyres=AnyResConfig(crop_size=64))
+
+
+def _slotted(ids, mask, crop_mask, side="right"):
+    """Each row's prompt preceded by n_crops * P placeholder tokens (pad id 0), padded."""
+    rows, masks = [], []
+    for i in range(ids.shape[0]):
+        n = int(crop_mask[i].sum()) * P
+        rows.append([0] * n + ids[i, mask[i]].tolist())
+    width = max(len(r) for r in rows)
+    out = torch.zeros(len(rows), width, dtype=torch.long)
+    out_mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        sl = slice(0, len(r)) if side == "right" else slice(width - len(r), width)
+        out[i, sl] = torch.tensor(r)
+        out_mask[i, sl] = True
+    return out, out_mask
+
+
+def test_image_slots_equal_prepended_image_tokens(seed, arch):
+    """The collator's layout (placeholders in the prompt) gives the same states as the
+    model prepending the image tokens itself."""
+    model = _model(arch)
+    ids, mask, pixels, crop_mask = _batch(seed)
+    images = dict(image_pixels=pixels, image_crop_mask=crop_mask)
+    with torch.no_grad():
+        if arch == "encdec":
+            slotted, smask = _slotted(ids, mask, crop_mask, "right")
+            got = model.encode(slotted, smask, image_slots=True, **images)
+            want, want_mask = model.encode_with_mask(ids, mask, **images)
+            assert torch.equal(smask, want_mask)
+            torch.testing.assert_close(got[smask], want[want_mask], atol=2e-5, rtol=2e-5)
+            dec = torch.full((3, 1), TEXT.bos_token_id)
+            a = model(slotted, smask, decoder_input_ids=dec, image_slots=True, **images).logits
+            b = model(ids, mask, decoder_input_ids=dec, **images).logits
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+        else:
+            slotted, smask = _slotted(ids, mask, crop_mask, "left")
+            got = model.hidden_states(slotted, smask, image_slots=True, **images)
+            want = model.hidden_states(ids, mask, **images)
+            for i in range(3):
+                n = int(mask[i].sum())
+                torch.testing.assert_close(got[i, -n:], want[i, :n], atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="fewer than its"):
+        (model.encode if arch == "encdec" else model.hidden_states)(
+            ids, mask, image_slots=True, **images)

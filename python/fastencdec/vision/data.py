@@ -139,10 +139,24 @@ def load_image_text_examples(paths: str | os.PathLike | Sequence, encoder, anyre
 
 class ImageTextCollator:
     """The seq2seq batch (:class:`~fastencdec.data.Seq2SeqCollator`) plus
-    ``image_pixels`` (CLIP-normalised float32) and ``image_crop_mask``."""
+    ``image_pixels`` (CLIP-normalised float32) and ``image_crop_mask``.
 
-    def __init__(self, anyres: AnyResConfig, *, pad_id: int = 0, bos_id: int = 1, **kwargs):
+    With ``tokens_per_crop`` (the tower's), each prompt starts with one placeholder
+    (``pad_id``, marked real) per image token and the batch holds
+    ``image_slots=True``: the model's image tokens fill those slots, so the prompt mask
+    is also the encoder's mask (see :mod:`fastencdec.vision.models`). This is the
+    layout the ``Trainer`` needs."""
+
+    def __init__(self, anyres: AnyResConfig, *, pad_id: int = 0, bos_id: int = 1,
+                 tokens_per_crop: int | None = None, **kwargs):
+        if tokens_per_crop is not None and (isinstance(tokens_per_crop, bool) or
+                                            not isinstance(tokens_per_crop, int)
+                                            or tokens_per_crop < 1):
+            raise ValueError(f"tokens_per_crop must be a positive int or None, "
+                             f"got {tokens_per_crop!r}")
         self.anyres = anyres
+        self.pad_id = pad_id
+        self.tokens_per_crop = tokens_per_crop
         self.text = Seq2SeqCollator(pad_id=pad_id, bos_id=bos_id, **kwargs)
 
     @classmethod
@@ -150,6 +164,10 @@ class ImageTextCollator:
         return cls(anyres, pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, **kwargs)
 
     def __call__(self, examples: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        if self.tokens_per_crop is not None:
+            examples = [{**ex, "input_ids": [self.pad_id] * (
+                self.tokens_per_crop * _n_crops(ex)) + list(ex["input_ids"])}
+                for ex in examples]
         batch = self.text(examples)
         pixels = []
         for i, ex in enumerate(examples):
@@ -161,4 +179,11 @@ class ImageTextCollator:
         if all(p is None for p in pixels):
             return batch
         batch["image_pixels"], batch["image_crop_mask"] = stack_images(pixels)
+        if self.tokens_per_crop is not None:
+            batch["image_slots"] = True
         return batch
+
+
+def _n_crops(example: Mapping) -> int:
+    crops = example.get("image_crops")
+    return 0 if crops is None else len(crops)

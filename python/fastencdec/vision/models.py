@@ -13,6 +13,18 @@ Batches: ``image_pixels`` ``[B, C, 3, S, S]`` with ``image_crop_mask`` ``[B, C]`
 or none). A row's image tokens are its real crops' tokens in order (base crop
 first, patches row by row).
 
+Two ways to pass a prompt with an image:
+
+- ``input_ids`` hold the prompt only; the model puts the image tokens before it
+  (``generate`` and interactive use);
+- ``image_slots=True``: each row of ``input_ids`` already starts (at its first real
+  token) with ``n_img`` placeholder tokens (any id, masked as real), and the image
+  tokens replace their embeddings. Batches made by
+  :class:`~fastencdec.vision.data.ImageTextCollator` look like this, so training code
+  written for text models (the ``Trainer``, which hands every ``image*`` batch entry
+  to ``encode`` / ``hidden_states``) keeps working: the prompt mask is the encoder's
+  mask, and a decoder-only model's left padding moves the slots with the prompt.
+
 RoPE positions: a row's image tokens take positions ``0 .. n_img - 1`` and its
 prompt tokens follow at ``n_img ..`` (padding, crop padding included, takes none).
 The encoder-decoder packs each row's real tokens to the front, so its encoder
@@ -219,6 +231,34 @@ class _VisionLanguageModel(nn.Module):
             mask = torch.ones_like(ids, dtype=torch.bool)
         return self.embed(ids), mask
 
+    def _slotted(self, input_ids, attention_mask, image_pixels, image_crop_mask, images):
+        """Prompt embeddings ``[B, L, d]`` whose first ``n_img`` real positions per row
+        hold the row's image tokens, and the prompt mask (``image_slots=True``)."""
+        if input_ids is None:
+            raise ValueError("image_slots=True needs input_ids holding the image slots")
+        if images is not None:
+            if image_pixels is not None:
+                raise ValueError("pass either images or image_pixels, not both")
+            image_pixels, image_crop_mask = self.preprocess(images)
+        text, mask = self._text(input_ids, attention_mask)
+        if image_pixels is None:
+            return text, mask
+        img, img_mask = self.image_embeddings(image_pixels, image_crop_mask, batch=text.shape[0])
+        n_img, n_real = img_mask.sum(1), mask.sum(1)
+        short = (n_real < n_img).nonzero()
+        if short.numel():
+            r = int(short[0])
+            raise ValueError(f"input_ids row {r} has {int(n_real[r])} real tokens, fewer than "
+                             f"its {int(n_img[r])} image slots (image_slots=True)")
+        rank = mask.long().cumsum(1) - 1  # index among the row's real tokens
+        slot = mask & (rank < n_img[:, None])
+        if not bool(slot.any()):
+            return text, mask
+        # real crops come first (checked), so a row's image tokens are img[b, :n_img[b]]
+        index = rank.clamp(0, img.shape[1] - 1)
+        filled = img.gather(1, index[..., None].expand(-1, -1, img.shape[-1]))
+        return torch.where(slot[..., None], filled, text), mask
+
     def _parts(self, input_ids, attention_mask, image_pixels, image_crop_mask, images):
         """[image tokens, prompt tokens] embeddings and masks (not packed)."""
         if images is not None:
@@ -299,23 +339,30 @@ class EncoderDecoderVLM(_VisionLanguageModel):
     text_class = EncoderDecoderLM
 
     def encoder_inputs(self, input_ids=None, attention_mask=None, *, image_pixels=None,
-                       image_crop_mask=None, images=None):
-        """Packed encoder input embeddings ``[B, N, d]`` and mask ``[B, N]``."""
+                       image_crop_mask=None, images=None, image_slots: bool = False):
+        """Encoder input embeddings ``[B, N, d]`` and mask ``[B, N]``: packed image +
+        prompt tokens, or (``image_slots``) the prompt with its slots filled."""
+        if image_slots:
+            return self._slotted(input_ids, attention_mask, image_pixels, image_crop_mask,
+                                 images)
         embeds, masks = self._parts(input_ids, attention_mask, image_pixels, image_crop_mask,
                                     images)
         return pack_left(torch.cat(embeds, 1), torch.cat(masks, 1))
 
     def encode_with_mask(self, input_ids=None, attention_mask=None, *, image_pixels=None,
-                         image_crop_mask=None, images=None):
+                         image_crop_mask=None, images=None, image_slots: bool = False):
         embeds, mask = self.encoder_inputs(input_ids, attention_mask, image_pixels=image_pixels,
-                                           image_crop_mask=image_crop_mask, images=images)
+                                           image_crop_mask=image_crop_mask, images=images,
+                                           image_slots=image_slots)
         return self.lm.encode(inputs_embeds=embeds, attention_mask=mask), mask
 
     def encode(self, input_ids=None, attention_mask=None, *, image_pixels=None,
-               image_crop_mask=None, images=None) -> torch.Tensor:
-        """Final encoder states ``[B, N, d]`` of the packed image + prompt tokens."""
+               image_crop_mask=None, images=None, image_slots: bool = False) -> torch.Tensor:
+        """Final encoder states ``[B, N, d]`` of the image + prompt tokens (with
+        ``image_slots``, ``N`` = the prompt's length and its mask is the prompt's)."""
         return self.encode_with_mask(input_ids, attention_mask, image_pixels=image_pixels,
-                                     image_crop_mask=image_crop_mask, images=images)[0]
+                                     image_crop_mask=image_crop_mask, images=images,
+                                     image_slots=image_slots)[0]
 
     def encoder_attention_mask(self, attention_mask=None, *, input_ids=None, image_pixels=None,
                                image_crop_mask=None) -> torch.Tensor:
@@ -351,7 +398,7 @@ class EncoderDecoderVLM(_VisionLanguageModel):
 
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None,
                 decoder_attention_mask=None, labels=None, *, image_pixels=None,
-                image_crop_mask=None, images=None) -> LMOutput:
+                image_crop_mask=None, images=None, image_slots: bool = False) -> LMOutput:
         """Decoder logits ``[B, T, vocab]`` (and the mean CE with ``labels``), as
         ``EncoderDecoderLM.forward`` with the image in the encoder."""
         text = self.config.text
@@ -361,7 +408,8 @@ class EncoderDecoderVLM(_VisionLanguageModel):
             decoder_input_ids = self.lm.shift_right(_labels("labels", labels, None,
                                                             text.vocab_size))
         states, mask = self.encode_with_mask(input_ids, attention_mask, image_pixels=image_pixels,
-                                             image_crop_mask=image_crop_mask, images=images)
+                                             image_crop_mask=image_crop_mask, images=images,
+                                             image_slots=image_slots)
         dec_ids = _token_ids("decoder_input_ids", decoder_input_ids, text.vocab_size)
         dmask = _mask("decoder_attention_mask", decoder_attention_mask, dec_ids.shape,
                       dec_ids.device)
@@ -376,7 +424,7 @@ class EncoderDecoderVLM(_VisionLanguageModel):
 
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, *, images=None, image_pixels=None,
-                 image_crop_mask=None, **kwargs) -> torch.Tensor:
+                 image_crop_mask=None, image_slots: bool = False, **kwargs) -> torch.Tensor:
         """``EncoderDecoderLM.generate`` (same keyword arguments and result) with the
         image tokens in the encoder: they are encoded once and the cross K/V of every
         decoder layer computed once from image + prompt states."""
@@ -385,7 +433,8 @@ class EncoderDecoderVLM(_VisionLanguageModel):
         try:
             embeds, mask = self.encoder_inputs(input_ids, attention_mask,
                                                image_pixels=image_pixels,
-                                               image_crop_mask=image_crop_mask, images=images)
+                                               image_crop_mask=image_crop_mask, images=images,
+                                               image_slots=image_slots)
             return self.lm.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
         finally:
             self.train(was_training)
@@ -401,7 +450,12 @@ class DecoderOnlyVLM(_VisionLanguageModel):
 
     text_class = DecoderOnlyLM
 
-    def _run(self, input_ids, attention_mask, image_pixels, image_crop_mask, images):
+    def _run(self, input_ids, attention_mask, image_pixels, image_crop_mask, images,
+             image_slots=False):
+        if image_slots:
+            embeds, mask = self._slotted(input_ids, attention_mask, image_pixels,
+                                         image_crop_mask, images)
+            return self.lm.hidden_states(inputs_embeds=embeds, attention_mask=mask)
         embeds, masks = self._parts(input_ids, attention_mask, image_pixels, image_crop_mask,
                                     images)
         n_image = embeds[0].shape[1] if len(embeds) == 2 or input_ids is None else 0
@@ -413,17 +467,20 @@ class DecoderOnlyVLM(_VisionLanguageModel):
         return hidden[:, n_image:] if input_ids is not None else hidden
 
     def hidden_states(self, input_ids=None, attention_mask=None, *, image_pixels=None,
-                      image_crop_mask=None, images=None) -> torch.Tensor:
+                      image_crop_mask=None, images=None, image_slots: bool = False
+                      ) -> torch.Tensor:
         """Final hidden states ``[B, L, d]`` at the prompt positions (``input_ids``' shape),
         each having read the row's image tokens first. Padding on either side."""
-        return self._run(input_ids, attention_mask, image_pixels, image_crop_mask, images)
+        return self._run(input_ids, attention_mask, image_pixels, image_crop_mask, images,
+                         image_slots)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, *, image_pixels=None,
-                image_crop_mask=None, images=None) -> LMOutput:
+                image_crop_mask=None, images=None, image_slots: bool = False) -> LMOutput:
         """Logits ``[B, L, vocab]`` at the prompt positions; with ``labels`` the mean CE of
         predicting ``labels[:, t + 1]`` from position ``t``, as ``DecoderOnlyLM.forward``."""
         text = self.config.text
-        hidden = self._run(input_ids, attention_mask, image_pixels, image_crop_mask, images)
+        hidden = self._run(input_ids, attention_mask, image_pixels, image_crop_mask, images,
+                           image_slots)
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
@@ -437,12 +494,16 @@ class DecoderOnlyVLM(_VisionLanguageModel):
 
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, *, images=None, image_pixels=None,
-                 image_crop_mask=None, **kwargs) -> torch.Tensor:
+                 image_crop_mask=None, image_slots: bool = False, **kwargs) -> torch.Tensor:
         """``DecoderOnlyLM.generate`` with the image tokens before the prompt: the
         cache is prefilled with image + prompt, then decoding proceeds as for text."""
         was_training = self.training
         self.eval()
         try:
+            if image_slots:
+                embeds, mask = self._slotted(input_ids, attention_mask, image_pixels,
+                                             image_crop_mask, images)
+                return self.lm.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
             embeds, masks = self._parts(input_ids, attention_mask, image_pixels,
                                         image_crop_mask, images)
             return self.lm.generate(inputs_embeds=torch.cat(embeds, 1),
