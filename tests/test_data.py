@@ -159,3 +159,92 @@ def test_hub_name_offline_gives_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(DatasetUnavailableError, match="offline and not in the datasets cache"):
         load_records("fastencdec-test/no-such-dataset", cache_dir=str(tmp_path))
+
+
+def test_local_files_need_no_datasets_and_are_read_lazily(tmp_path, monkeypatch):
+    import builtins
+    import sys
+
+    from fastencdec.data import load_records
+
+    real_import = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):
+        if name == "datasets" or name.startswith("datasets."):
+            raise ImportError("datasets is not installed")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    monkeypatch.delitem(sys.modules, "datasets", raising=False)
+    rows = [{"question": f"q{i}", "context": "c" * i, "answer": str(i)} for i in range(50)]
+    jl = tmp_path / "qa.jsonl"
+    jl.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")  # a blank line at the end
+    records = load_records(jl)
+    assert len(records) == 50 and records[7] == rows[7] and records[-1] == rows[-1]
+    assert list(records)[:2] == rows[:2]
+    assert records.byte_length(3) == len(json.dumps(rows[3])) + 1
+    arr = tmp_path / "qa.json"
+    arr.write_text(json.dumps(rows[:3]))
+    assert load_records(arr)[2] == rows[2]
+    both = load_records([str(jl), str(jl)])
+    assert len(both) == 100 and both[60] == rows[10]
+    txt = tmp_path / "t.txt"
+    txt.write_text("one\n\n  \ntwo\n")
+    assert list(load_records(txt)) == [{"text": "one"}, {"text": "two"}]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"a": 1}\n{"a": \n')
+    with pytest.raises(ValueError, match="bad.jsonl: record 2 is not valid JSON"):
+        load_records(bad)[1]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty.jsonl is empty"):
+        load_records(empty)
+    with pytest.raises(ImportError, match="datasets"):  # parquet still needs it
+        pq = tmp_path / "x.parquet"
+        pq.write_bytes(b"PAR1")
+        load_records(pq)
+    with pytest.raises(FileNotFoundError):  # looks like a file, not a hub name
+        load_records("data/missing.jsonl")
+
+
+def test_lazy_examples_are_encoded_on_demand(tok, task, tmp_path):
+    from fastencdec.data import MappedSequence, approx_lengths, load_records, qa_record
+
+    path = tmp_path / "qa.jsonl"
+    path.write_text("\n".join(json.dumps({"question": e["question"], "context": e["context"],
+                                          "answer": e["target"]}) for e in task.generate(20)))
+    records = load_records(path)
+    enc = Seq2SeqEncoder(tok, max_source_len=64, max_target_len=4)
+    calls = []
+
+    def encode(r):
+        calls.append(r["question"])
+        return enc(qa_record(r))
+
+    examples = MappedSequence(records, encode)
+    assert calls == [] and len(examples) == 20
+    assert examples[3] == enc(qa_record(records[3])) and len(calls) == 1
+    lengths = approx_lengths(records)
+    assert lengths == [records.byte_length(i) for i in range(20)]
+
+
+def test_text_blocks_cut_raw_text_into_chunks(tok, task):
+    from fastencdec.data import InMemoryRecords, TextBlocks
+
+    lines = [{"text": e["context"]} for e in task.generate(60, split="text")]
+    blocks = TextBlocks(InMemoryRecords(lines), tok, 32, separator=tok.eos_id)
+    full = [i for line in lines for i in tok.encode(line["text"]) + [tok.eos_id]]
+    assert abs(len(blocks) - len(full) // 32) <= 0.2 * len(full) / 32  # about the whole text
+    assert blocks.lengths() == [32] * len(blocks)
+    text = " " + " ".join(map(str, full)) + " "
+    covered = set()
+    for b in range(len(blocks)):
+        ids = blocks[b]["input_ids"]
+        assert 1 <= len(ids) <= 32
+        piece = " " + " ".join(map(str, ids)) + " "
+        assert piece in text  # consecutive tokens of the text
+        first = text[:text.index(piece) + 1].count(" ") - 1
+        covered.update(range(first, first + len(ids)))
+    assert len(covered) >= 0.8 * len(full)
+    with pytest.raises(ValueError, match="no text"):
+        TextBlocks(InMemoryRecords([]), tok, 32)

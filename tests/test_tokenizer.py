@@ -87,3 +87,60 @@ def test_errors_name_the_argument(tok):
         tok.decode(torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="padding"):
         tok(["a"], padding="max_length")
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"", "is empty"),
+    (b"\x00\x01garbage" * 20, "is not a valid sentencepiece model"),
+    (b"\n\x05hello", "is not a valid sentencepiece model"),
+])
+def test_broken_tokenizer_files_name_the_file(tmp_path, content, needle):
+    from fastencdec.data import load_tokenizer
+
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(content)
+    for load in (Tokenizer.load, load_tokenizer):
+        with pytest.raises(ValueError, match=needle) as info:
+            load(path)
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_broken_tokenizer_json_names_the_file(tmp_path):
+    pytest.importorskip("tokenizers")
+    from fastencdec.data import load_tokenizer
+
+    path = tmp_path / "tokenizer.json"
+    for content, needle in ((b"", "is empty"), (b'{"model": 5}', "not a valid tokenizer.json")):
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=needle) as info:
+            load_tokenizer(path)
+        assert str(path) in str(info.value)
+
+
+def test_tokenizer_json_works_like_a_sentencepiece_one(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from fastencdec.data import JsonTokenizer, load_tokenizer
+
+    tk = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="[UNK]"))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    specials = ["[PAD]", "[UNK]", "<|endoftext|>", "<extra_id_0>", "<extra_id_1>"]
+    tk.train_from_iterator(CORPUS, tokenizers.trainers.BpeTrainer(vocab_size=120,
+                                                                  special_tokens=specials))
+    tk.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(tmp_path)
+    assert isinstance(tok, JsonTokenizer)
+    # guessed names: [PAD] pads, <|endoftext|> ends, and (no BOS) the pad id starts
+    assert (tok.pad_id, tok.eos_id, tok.bos_id, tok.unk_id) == (0, 2, 0, 1)
+    assert tok.sentinel_ids == [3, 4]
+    ids = tok.encode("the lazy dog", add_eos=True)
+    assert ids[-1] == tok.eos_id and tok.decode(ids) == "the lazy dog"
+    batch = tok(["the dog", "the quick brown fox"])
+    assert batch["attention_mask"].sum(1).tolist() == [len(tok.encode("the dog")),
+                                                       len(tok.encode("the quick brown fox"))]
+    saved = tok.save(tmp_path / "copy.json")
+    again = load_tokenizer(saved)
+    assert again.pieces() == tok.pieces() and again.eos_id == tok.eos_id
+    with pytest.raises(ValueError, match="no end-of-sequence token"):
+        bare = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="[UNK]"))
+        bare.train_from_iterator(CORPUS, tokenizers.trainers.BpeTrainer(vocab_size=60))
+        JsonTokenizer(bare)

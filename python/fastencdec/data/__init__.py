@@ -8,6 +8,7 @@ datasets, ``tokenizers`` only for ``tokenizer.json`` files.
 
 from .bucketing import LengthBucketBatchSampler, example_length
 from .collate import IGNORE_INDEX, Seq2SeqCollator
+from .files import InMemoryRecords
 from .json_tokenizer import JsonTokenizer, load_tokenizer
 from .lazy import MappedSequence, TextBlocks, approx_lengths
 from .seq2seq import (
@@ -37,6 +38,7 @@ __all__ = [
     "load_tokenizer",
     "pad_sequences",
     "MappedSequence",
+    "InMemoryRecords",
     "TextBlocks",
     "approx_lengths",
     "qa_record",

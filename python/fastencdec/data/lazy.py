@@ -38,61 +38,60 @@ class MappedSequence(Sequence):
 
 
 class TextBlocks(Sequence):
-    """Raw text lines grouped into blocks of about ``length`` tokens; block ``i`` is
-    tokenised when asked for (lines joined by ``separator``, cut to ``length``
-    tokens) and returned as ``{"input_ids": [...]}``.
+    """Raw text lines (documents, joined by ``separator``) cut into chunks of ``length``
+    tokens; chunk ``i`` is tokenised when asked for and returned as
+    ``{"input_ids": [...]}``.
 
-    Blocks are formed from byte sizes with ``bytes_per_token`` measured on the first
-    lines, aiming a little past ``length`` so most blocks fill up; the tokens past
-    ``length`` in a block are dropped (about 10%). A line longer than a block becomes
-    one block of its first ``length`` tokens.
+    Where each chunk starts is planned from byte sizes (``bytes_per_token`` measured
+    on the first lines): chunk ``i`` starts at the estimated token ``i * length`` of
+    the whole text, then takes ``length`` consecutive tokens from there. Estimates
+    are not exact, so neighbouring chunks may overlap or skip a few tokens; every
+    chunk is consecutive text, and the text is covered about once.
     """
 
     def __init__(self, records: Sequence, tokenizer, length: int, *, field: str = "text",
-                 separator: int | None = None, sample_lines: int = 200, overfill: float = 1.1):
+                 separator: int | None = None, sample_lines: int = 200):
         if length < 2:
             raise ValueError(f"length must be >= 2, got {length}")
         if len(records) == 0:
             raise ValueError("no text to make pretraining blocks from")
         self.records, self.tok, self.length = records, tokenizer, length
         self.field, self.separator = field, separator
-        sizes = np.asarray(approx_lengths(records), dtype=np.int64)
+        sizes = np.asarray(approx_lengths(records), dtype=np.float64)
         sample = range(min(sample_lines, len(records)))
         sample_tokens = sum(len(self._tokens(i)) for i in sample)
-        sample_bytes = int(sizes[:len(sample)].sum())
-        self.bytes_per_token = sample_bytes / max(sample_tokens, 1)
-        target = self.bytes_per_token * length * overfill
-        starts, total = [0], 0.0
-        for i, size in enumerate(sizes):
-            total += size
-            if total >= target and i + 1 < len(sizes):
-                starts.append(i + 1)
-                total = 0.0
-        self.starts = np.asarray(starts, dtype=np.int64)
-        self.ends = np.append(self.starts[1:], len(sizes))
+        self.bytes_per_token = float(sizes[:len(sample)].sum()) / max(sample_tokens, 1)
+        self.estimates = np.maximum(sizes / max(self.bytes_per_token, 1e-9), 1.0)
+        self.ends = np.cumsum(self.estimates)  # estimated token offset where each line ends
+        self.n_chunks = max(int(self.ends[-1] // length), 1)
 
     def _tokens(self, i: int) -> list[int]:
         record = self.records[i]
         if self.field not in record:
             raise KeyError(f"a text record has no field {self.field!r} (fields: {sorted(record)})")
-        return self.tok.encode(str(record[self.field]))
+        ids = self.tok.encode(str(record[self.field]))
+        return ids if self.separator is None else ids + [self.separator]
 
     def __len__(self) -> int:
-        return len(self.starts)
+        return self.n_chunks
 
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         i = range(len(self))[i]
-        ids: list[int] = []
-        for line in range(int(self.starts[i]), int(self.ends[i])):
+        start = i * self.length
+        line = int(np.searchsorted(self.ends, start, side="right"))
+        line = min(line, len(self.ends) - 1)
+        ids = self._tokens(line)
+        before = float(self.ends[line - 1]) if line else 0.0
+        skip = int(round((start - before) / self.estimates[line] * len(ids)))
+        ids = ids[min(max(skip, 0), max(len(ids) - 1, 0)):]
+        line += 1
+        while len(ids) < self.length and line < len(self.ends):
             ids += self._tokens(line)
-            if self.separator is not None:
-                ids.append(self.separator)
-            if len(ids) >= self.length:
-                break
+            line += 1
         return {"input_ids": ids[: self.length]}
 
     def lengths(self) -> list[int]:
-        """Approximate tokens per block (for bucketing, without tokenising)."""
+        """Tokens per chunk as planned (for bucketing, without tokenising)."""
         return [self.length] * len(self)

@@ -82,6 +82,7 @@ class DemoSettings:
     # generation benchmark (a timing)
     gen_new_tokens: int = 32
     gen_repeats: int = 7
+    quick: bool = False         # a smoke run: too short to learn, so nothing is judged
 
     @classmethod
     def for_mode(cls, *, quick: bool = False, size: str = "small", device: str | None = None,
@@ -111,7 +112,7 @@ class DemoSettings:
                 batch_size=64)
         if quick:
             s.__dict__.update(
-                steps=30, teacher_steps=30, n_train=600, n_test=40, d_model=64, d_ff=128,
+                quick=True, steps=30, teacher_steps=30, n_train=600, n_test=40, d_model=64, d_ff=128,
                 n_heads=4, n_kv_heads=2, n_encoder_layers=2, n_decoder_layers=1,
                 teacher_layers=3, gen_new_tokens=8, gen_repeats=1, batch_size=16,
                 eval_points=3)
@@ -343,10 +344,13 @@ def run_demo(s: DemoSettings) -> dict:
     print(f"results: {os.path.abspath(os.path.join(s.out_dir, 'results.json'))}; models: "
           f"{os.path.abspath(os.path.join(s.out_dir, 'models'))}")
     print(f"demo finished in {summary['timings']['total_seconds']:.0f}s (timing)")
-    if not any_above:
+    if s.quick:
+        print("quick mode: a smoke run of the whole pipeline, far too short to learn the task; "
+              "its verdicts decide nothing (run `fastencdec demo` for the real comparison)")
+    elif not any_above:
         print("FAILED: no model beat chance: the demo's training did not work on this machine "
               "(more --steps may help; please report it)")
-    summary["exit_code"] = 0 if any_above else 1
+    summary["exit_code"] = 0 if (any_above or s.quick) else 1
     return summary
 
 

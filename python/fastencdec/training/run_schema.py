@@ -326,6 +326,11 @@ def apply_overrides(run: dict, assignments: list[str]) -> dict:
             value = yaml.safe_load(text) if text.strip() else ""
         except yaml.YAMLError:
             value = text
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         parts = key.strip().split(".")
         if parts[0] not in SECTIONS:
             raise unknown_keys_error(f"--set {item}", [parts[0]], SECTIONS)

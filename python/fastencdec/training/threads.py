@@ -10,7 +10,7 @@ one thread; larger ones keep torch's default.
 from __future__ import annotations
 
 import os
-import warnings
+import sys
 
 import torch
 
@@ -45,7 +45,8 @@ def choose_threads(requested: int | None, *, device: str | torch.device = "cpu",
 
 
 def warn_if_oversubscribed(threads: int | None = None) -> str | None:
-    """Warn once when other work already keeps the cores busy; returns the message."""
+    """Print one warning line (stderr, once per process) when other work already keeps
+    the cores busy; returns the message."""
     global _warned
     if _warned or not hasattr(os, "getloadavg"):
         return None
@@ -58,5 +59,5 @@ def warn_if_oversubscribed(threads: int | None = None) -> str | None:
     message = (f"this machine looks busy (load average {load:.1f} on {cores} cores, and torch "
                f"uses {threads} thread{'s' if threads > 1 else ''}): expect slower, noisier "
                "timings" + ("; --threads 1 is steadier" if threads > 1 else ""))
-    warnings.warn(message, RuntimeWarning, stacklevel=2)
+    print(f"warning: {message}", file=sys.stderr, flush=True)
     return message
