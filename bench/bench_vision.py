@@ -24,7 +24,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import Column, Run, format_table  # noqa: E402
-
 from fastencdec import DecoderOnlyConfig, EncDecConfig  # noqa: E402
 from fastencdec.vision.anyres import AnyResConfig  # noqa: E402
 from fastencdec.vision.config import VLMConfig  # noqa: E402
@@ -96,7 +95,7 @@ def main(argv=None) -> int:
     for n in crops:
         pixels = torch.randn(1, n, 3, side, side, device=device, dtype=dtype)
         samples = {"encoder-decoder": [], "decoder-only": []}
-        for name, model in (("encoder-decoder", enc), ("decoder-only", dec)):
+        for model in (enc, dec):
             one_run(model, ids, pixels, 2, sync)  # warm-up
         for rep in range(args.repeats):
             pair = [("encoder-decoder", enc), ("decoder-only", dec)]

@@ -255,7 +255,7 @@ def test_bad_image_inputs(seed, arch):
 
 def _slotted(ids, mask, crop_mask, side="right"):
     """Each row's prompt preceded by n_crops * P placeholder tokens (pad id 0), padded."""
-    rows, masks = [], []
+    rows = []
     for i in range(ids.shape[0]):
         n = int(crop_mask[i].sum()) * P
         rows.append([0] * n + ids[i, mask[i]].tolist())
