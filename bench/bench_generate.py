@@ -44,6 +44,7 @@ import random
 import re
 import resource
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -745,6 +746,40 @@ def parse_args(argv):
     return args, p
 
 
+def measure_all(runnable: list[dict], args, env: dict, errors: list[dict]):
+    """Every configuration once per round, each in a fresh process, a different one
+    leading each round. Ctrl-C or SIGTERM stops measuring; what was measured is kept."""
+    results: dict[int, list[dict]] = {i: [] for i in range(len(runnable))}
+
+    def stop(_signum, _frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        for rnd in range(args.rounds):
+            shift = rnd % max(1, len(runnable))
+            order = list(range(len(runnable)))
+            for i in order[shift:] + order[:shift]:
+                spec = runnable[i]
+                what = f"[{rnd + 1}/{args.rounds}] {engine_label(spec)} {spec['arch']} " \
+                       f"B{spec['batch']}"
+                try:
+                    res = _child(["--worker", json.dumps(spec)], env, timeout=args.timeout)
+                except ChildFailed as err:
+                    errors.append({"label": engine_label(spec), "arch": spec["arch"],
+                                   "batch": spec["batch"], "round": rnd, "error": str(err)})
+                    print(f"  {what}: FAILED {err}", file=sys.stderr)
+                    continue
+                results[i].append(res)
+                print(f"  {what}: first token {res['first_token_s'][0] * 1e3:.0f} ms, total "
+                      f"{res['total_s'][0]:.2f} s", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        return results, True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return results, False
+
+
 def main(argv=None):
     args, parser = parse_args(argv)
     if args.worker or args.prepare:
@@ -799,25 +834,11 @@ def main(argv=None):
         spec["model_dir"] = info["dir"] if info else None
     runnable = [s for s in specs if s["model_dir"]]
 
-    results: dict[int, list[dict]] = {i: [] for i in range(len(runnable))}
     started = time.monotonic()
-    for rnd in range(args.rounds):
-        order = list(range(len(runnable)))
-        shift = rnd % max(1, len(order))
-        for i in order[shift:] + order[:shift]:  # a different engine leads each round
-            spec = runnable[i]
-            what = f"{engine_label(spec)} {spec['arch']} B{spec['batch']}"
-            try:
-                res = _child(["--worker", json.dumps(spec)], env, timeout=args.timeout)
-            except ChildFailed as err:
-                errors.append({"label": engine_label(spec), "arch": spec["arch"],
-                               "batch": spec["batch"], "round": rnd, "error": str(err)})
-                print(f"  [{rnd + 1}/{args.rounds}] {what}: FAILED {err}", file=sys.stderr)
-                continue
-            results[i].append(res)
-            print(f"  [{rnd + 1}/{args.rounds}] {what}: first token "
-                  f"{res['first_token_s'][0] * 1e3:.0f} ms, total {res['total_s'][0]:.2f} s",
-                  file=sys.stderr, flush=True)
+    results, interrupted = measure_all(runnable, args, env, errors)
+    if interrupted:
+        notes.append(f"interrupted after {time.monotonic() - started:.0f} s: partial results "
+                     f"({sum(map(len, results.values()))} of {len(runnable) * args.rounds} runs)")
     rows = [aggregate(runnable[i], res) for i, res in results.items() if res]
     add_ratios(rows)
     verdict = run.verdict()
