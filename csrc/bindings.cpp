@@ -19,19 +19,19 @@ namespace py = pybind11;
 using fastencdec::bind::checked_data;
 using fastencdec::bind::expect_dim;
 using fastencdec::cpu::AttentionProblem;
-using fastencdec::cpu::KvAppendProblem;
+using fastencdec::cpu::AppendKvCacheProblem;
 using fastencdec::cpu::Storage;
 
 namespace {
 
-void rope_apply_impl(const float* x, float* out, const int64_t* pos, const double* inv_freq,
+void apply_rope_impl(const float* x, float* out, const int64_t* pos, const double* inv_freq,
                      int64_t rows, int64_t heads, int64_t head_dim, int threads) {
-  FED_DISPATCH(rope_apply, x, out, pos, inv_freq, rows, heads, head_dim, threads);
+  FED_DISPATCH(apply_rope, x, out, pos, inv_freq, rows, heads, head_dim, threads);
 }
 
 void attention_impl(const AttentionProblem& p) { FED_DISPATCH(attention_forward, p); }
 
-void kv_cache_append_impl(const KvAppendProblem& p) { FED_DISPATCH(kv_cache_append, p); }
+void append_kv_cache_impl(const AppendKvCacheProblem& p) { FED_DISPATCH(append_kv_cache, p); }
 
 std::vector<double> rope_inv_freq(double base, int64_t head_dim) {
   if (!(base > 0.0) || !std::isfinite(base))
@@ -51,7 +51,8 @@ void check_rope_dim(int64_t head_dim) {
     throw py::value_error("head_dim must be even for RoPE, got " + std::to_string(head_dim));
 }
 
-void rope_apply(py::array x, py::array positions, double base, py::array out, int num_threads) {
+void apply_rope(py::array x, py::array positions, double base, py::array out, bool inverse,
+                int num_threads) {
   float* xd = checked_data<float>(x, "x", 3, false);
   const int64_t* pd = checked_data<int64_t>(positions, "positions", 1, false);
   float* od = checked_data<float>(out, "out", 3, true);
@@ -60,11 +61,13 @@ void rope_apply(py::array x, py::array positions, double base, py::array out, in
   for (int d = 0; d < 3; ++d) expect_dim(out, "out", d, x.shape(d));
   check_rope_dim(head_dim);
   check_threads(num_threads);
-  const std::vector<double> inv_freq = rope_inv_freq(base, head_dim);
+  std::vector<double> inv_freq = rope_inv_freq(base, head_dim);
+  if (inverse)  // rotating by -angle is the transpose of the rotation
+    for (double& f : inv_freq) f = -f;
   // Resolve the ISA (may throw on a bad FASTENCDEC_CPU_ISA) while holding the GIL.
   fastencdec::cpu::active_isa();
   py::gil_scoped_release release;
-  rope_apply_impl(xd, od, pd, inv_freq.data(), rows, heads, head_dim, num_threads);
+  apply_rope_impl(xd, od, pd, inv_freq.data(), rows, heads, head_dim, num_threads);
 }
 
 // ---- attention -------------------------------------------------------------
@@ -157,11 +160,17 @@ const int64_t* checked_seqlens(py::array& lens, int64_t batch, int64_t max_len, 
                                std::vector<int64_t>& storage) {
   const int64_t* d = index_data(lens, "cache_seqlens", 1, storage);
   expect_dim(lens, "cache_seqlens", 0, batch);
-  for (int64_t b = 0; b < batch; ++b)
-    if (d[b] < 0 || d[b] + extra > max_len)
-      throw py::value_error("cache_seqlens[" + std::to_string(b) + "] = " + std::to_string(d[b]) +
-                            (extra ? " plus " + std::to_string(extra) + " new tokens" : "") +
-                            " is outside the cache length " + std::to_string(max_len));
+  for (int64_t b = 0; b < batch; ++b) {
+    if (d[b] < 0 || d[b] + extra > max_len) {
+      const std::string at = "cache_seqlens[" + std::to_string(b) + "] = " + std::to_string(d[b]);
+      if (extra > 0 && d[b] >= 0)
+        throw py::value_error(at + " plus " + std::to_string(extra) +
+                              " new tokens exceeds the cache length " + std::to_string(max_len));
+      throw py::value_error(at + ": cache_seqlens values must lie in [0, " +
+                            std::to_string(max_len - extra) + "] (the cache length " +
+                            std::to_string(max_len) + ")");
+    }
+  }
   return d;
 }
 
@@ -204,12 +213,14 @@ void cross_attention(py::array q, py::array k, py::array v, py::array out,
 }
 
 void decode_attention(py::array q, py::array k_cache, py::array v_cache, py::array cache_seqlens,
-                      py::array out, double scale, const std::string& storage, int num_threads) {
+                      py::object key_padding_mask, py::array out, double scale,
+                      const std::string& storage, int num_threads) {
   AttentionProblem p;
   p.storage = parse_storage(storage);
   attention_arrays(p, q, k_cache, v_cache, out, "k_cache", "v_cache");
   std::vector<int64_t> lens32;
   p.kv_seqlens = checked_seqlens(cache_seqlens, p.batch, p.kv_len, 0, lens32);
+  set_key_mask(p, key_padding_mask);
   p.causal = true;
   set_scale(p, scale);
   run_attention(p, num_threads);
@@ -218,7 +229,7 @@ void decode_attention(py::array q, py::array k_cache, py::array v_cache, py::arr
 void append_kv_cache(py::array q, py::array k, py::array v, py::array k_cache, py::array v_cache,
                      py::array cache_seqlens, py::object q_out, bool rope, double rope_base,
                      const std::string& storage, int num_threads) {
-  KvAppendProblem p;
+  AppendKvCacheProblem p;
   p.storage = parse_storage(storage);
   p.q = storage_data(q, p.storage, "q", false);
   p.k = storage_data(k, p.storage, "k", false);
@@ -251,17 +262,17 @@ void append_kv_cache(py::array q, py::array k, py::array v, py::array k_cache, p
   p.num_threads = num_threads;
   fastencdec::cpu::active_isa();
   py::gil_scoped_release release;
-  kv_cache_append_impl(p);
+  append_kv_cache_impl(p);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastencdec CPU kernels (C++17, OpenMP, run-time ISA dispatch)";
-  m.def("rope_apply", &rope_apply, py::arg("x"), py::arg("positions"), py::arg("base"),
-        py::arg("out"), py::arg("num_threads"),
+  m.def("apply_rope", &apply_rope, py::arg("x"), py::arg("positions"), py::arg("base"),
+        py::arg("out"), py::arg("inverse"), py::arg("num_threads"),
         "RoPE (rotate-half) on fp32 x [rows, heads, head_dim] at int64 positions [rows]; "
-        "writes out (may be x).");
+        "writes out (may be x). inverse: rotate the other way (the transpose).");
   m.def("self_attention", &self_attention, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("key_padding_mask"), py::arg("positions"), py::arg("causal"),
         py::arg("scale"), py::arg("rope_base"), py::arg("storage"), py::arg("num_threads"),
@@ -275,10 +286,11 @@ PYBIND11_MODULE(_C, m) {
         "Attention of q [B, Lq, Hq, D] over k/v [B, Lk, Hkv, D] (no RoPE, not causal); "
         "key_padding_mask: bool [B, Lk] or None.");
   m.def("decode_attention", &decode_attention, py::arg("q"), py::arg("k_cache"),
-        py::arg("v_cache"), py::arg("cache_seqlens"), py::arg("out"), py::arg("scale"),
-        py::arg("storage"), py::arg("num_threads"),
+        py::arg("v_cache"), py::arg("cache_seqlens"), py::arg("key_padding_mask"), py::arg("out"),
+        py::arg("scale"), py::arg("storage"), py::arg("num_threads"),
         "q [B, T, Hq, D] against caches [B, Lmax, Hkv, D] with int64/int32 cache_seqlens [B] "
-        "(valid rows, new ones included); query t sees keys j <= len - T + t.");
+        "(valid rows, new ones included); query t sees keys j <= len - T + t, and only keys "
+        "with key_padding_mask[b, j] (bool [B, Lmax]) when a mask is given.");
   m.def("append_kv_cache", &append_kv_cache, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_seqlens"), py::arg("q_out"),
         py::arg("rope"), py::arg("rope_base"), py::arg("storage"), py::arg("num_threads"),

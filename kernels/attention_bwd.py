@@ -2,11 +2,11 @@
 *before* RoPE, recomputed from the saved log-sum-exp (nothing ``O(L^2)`` is stored).
 
 Three kernels, all deterministic (no atomics):
-- ``attention_bwd_preprocess_kernel``: ``delta_i = sum_d dO[i, d] * O[i, d]``;
-- ``attention_bwd_dkdv_kernel``: one program per (key tile, K/V head, batch); it
+- ``_attention_bwd_preprocess_kernel``: ``delta_i = sum_d dO[i, d] * O[i, d]``;
+- ``_attention_bwd_dkdv_kernel``: one program per (key tile, K/V head, batch); it
   loops over the query heads of its group and their query tiles, so the group's
   contributions are summed in registers. Works on transposed tiles ``[keys, queries]``;
-- ``attention_bwd_dq_kernel``: one program per (query tile, query head, batch),
+- ``_attention_bwd_dq_kernel``: one program per (query tile, query head, batch),
   looping over key tiles in the forward's two phases.
 
 With ``P = softmax(s)``, ``s = scale * q.k``: ``dV = P^T dO``, ``dS = P * (dO V^T - delta)``,
@@ -15,15 +15,18 @@ through the inverse rotation. Padded keys get zero dK/dV; a query with no visibl
 key has ``lse = +inf`` so its probabilities, and its gradients, are 0.
 """
 
+import torch
 import triton
 import triton.language as tl
 
+from ..constants import LOG2E
 from .attention_fwd import key_tile_phases, mask_tile
+from .attention_setup import launch, seq_bucket, side_inputs, static_args, strides3
 from .rope_tile import load_2d, load_rope_halves, store_2d, store_unrotated_halves
 
 
 @triton.jit
-def attention_bwd_preprocess_kernel(
+def _attention_bwd_preprocess_kernel(
     Out, DO, DELTA,
     stride_ob, stride_ol, stride_oh,
     stride_dob, stride_dol, stride_doh,
@@ -86,7 +89,7 @@ def _dkdv_tiles(
 
 
 @triton.jit
-def attention_bwd_dkdv_kernel(
+def _attention_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, COS, SIN, PAD, KV_RANGE,
     stride_qb, stride_ql, stride_qh,
     stride_kb, stride_kl, stride_kh,
@@ -188,7 +191,7 @@ def _dq_tiles(
 
 
 @triton.jit
-def attention_bwd_dq_kernel(
+def _attention_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, COS, SIN, PAD, KV_RANGE,
     stride_qb, stride_ql, stride_qh,
     stride_kb, stride_kl, stride_kh,
@@ -250,3 +253,47 @@ def attention_bwd_dq_kernel(
     store_unrotated_halves(DQ + b64 * stride_dqb + h * stride_dqh, dq1 * sm_scale,
                            dq2 * sm_scale, offs_m, stride_dql, m_ok, COS, SIN,
                            table_row0 + offs_m, HALF, HALF_P, ROPE)
+
+
+PREPROCESS_BLOCK_M = 64
+
+
+def attention_bwd(grad_out, q, k, v, out, lse, problem, *, need_dq: bool, need_dkv: bool):
+    """Launch the backward: ``(dq, dk, dv)`` w.r.t. the inputs before RoPE (None for the
+    ones not needed). Every tensor needs a unit stride on head_dim."""
+    batch, len_q, n_heads, head_dim = q.shape
+    len_k, n_kv_heads = k.shape[1], k.shape[2]
+    static = static_args(q, k, problem)
+    cos, sin, pad, key_range, stride_pad_b = side_inputs(q, problem)
+    qk_scale = problem.scale * LOG2E
+    bucket = seq_bucket(len_q, len_k)
+
+    delta = torch.empty((batch, n_heads, len_q), dtype=torch.float32, device=q.device)
+    _attention_bwd_preprocess_kernel[(triton.cdiv(len_q, PREPROCESS_BLOCK_M), n_heads, batch)](
+        out, grad_out, delta, *strides3(out), *strides3(grad_out), n_heads, len_q,
+        HEAD_DIM=head_dim, HEAD_P=static["HEAD_P"], BLOCK_M=PREPROCESS_BLOCK_M,
+    )
+
+    dq = dk = dv = None
+    if need_dkv:
+        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        args = (
+            q, k, v, grad_out, lse, delta, dk, dv, cos, sin, pad, key_range,
+            *strides3(q), *strides3(k), *strides3(v), *strides3(grad_out),
+            *strides3(dk), *strides3(dv), stride_pad_b, problem.table_stride_b,
+            n_heads, len_q, len_k, qk_scale, problem.scale, bucket,
+        )
+        launch(_attention_bwd_dkdv_kernel, "dkdv", args, static,
+               lambda bm, bn: (triton.cdiv(len_k, bn), n_kv_heads, batch))
+    if need_dq:
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        args = (
+            q, k, v, grad_out, lse, delta, dq, cos, sin, pad, key_range,
+            *strides3(q), *strides3(k), *strides3(v), *strides3(grad_out),
+            *strides3(dq), stride_pad_b, problem.table_stride_b,
+            n_heads, len_q, len_k, qk_scale, problem.scale, bucket,
+        )
+        launch(_attention_bwd_dq_kernel, "dq", args, static,
+               lambda bm, bn: (triton.cdiv(len_q, bm), n_heads, batch))
+    return dq, dk, dv

@@ -19,9 +19,12 @@ and in units of ``qk_scale``: ``lse2 = log2(sum_j 2^(qk_scale * q.k_j))``.
 Layout: q/k/v/o ``[B, L, H, D]``, any strides as long as D has unit stride.
 """
 
+import torch
 import triton
 import triton.language as tl
 
+from ..constants import LOG2E
+from .attention_setup import launch, seq_bucket, side_inputs, static_args, strides3
 from .rope_tile import load_2d, load_rope_halves, store_2d
 
 
@@ -96,7 +99,7 @@ def _fwd_tiles(
 
 
 @triton.jit
-def attention_fwd_kernel(
+def _attention_fwd_kernel(
     Q, K, V, Out, LSE, COS, SIN, PAD, KV_RANGE,
     stride_qb, stride_ql, stride_qh,
     stride_kb, stride_kl, stride_kh,
@@ -160,3 +163,22 @@ def attention_fwd_kernel(
     store_2d(o_ptrs, out.to(Out.dtype.element_ty), m_ok, d_ok, HEAD_DIM != HEAD_P)
     lse = tl.where(empty, float("inf"), m_i + tl.log2(l_safe))
     tl.store(LSE + pid_bh.to(tl.int64) * len_q + offs_m, lse, mask=m_ok)
+
+
+def attention_fwd(q, k, v, problem):
+    """Launch the forward: ``(out [B, Lq, Hq, D], lse [B, Hq, Lq] float32)``. ``q``/``k``/``v``
+    need a unit stride on head_dim; ``problem`` from ``attention_setup.make_problem``."""
+    batch, len_q, n_heads, head_dim = q.shape
+    len_k = k.shape[1]
+    out = torch.empty((batch, len_q, n_heads, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, n_heads, len_q), dtype=torch.float32, device=q.device)
+    cos, sin, pad, key_range, stride_pad_b = side_inputs(q, problem)
+    args = (
+        q, k, v, out, lse, cos, sin, pad, key_range,
+        *strides3(q), *strides3(k), *strides3(v), *strides3(out),
+        stride_pad_b, problem.table_stride_b,
+        n_heads, len_q, len_k, problem.scale * LOG2E, seq_bucket(len_q, len_k),
+    )
+    launch(_attention_fwd_kernel, "fwd", args, static_args(q, k, problem),
+           lambda bm, bn: (triton.cdiv(len_q, bm), n_heads, batch))
+    return out, lse

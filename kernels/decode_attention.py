@@ -4,14 +4,15 @@ One program owns one (batch row, K/V head, key split, query tile). Its query til
 holds every query head of the GQA group for every new token (row ``m`` is token
 ``m // GROUP``, head ``m % GROUP`` of the group), so each K/V tile is read once per
 group. With one split the program writes the normalised output; with several it
-writes a partial (``lse`` in log2 units, normalised ``o``) and ``_merge_kernel``
-combines the splits.
+writes a partial (``lse`` in log2 units, normalised ``o``) and
+``_decode_attention_merge_kernel`` combines the splits.
 
 Two modes share the split kernel:
 - cache mode (``CAUSAL_CACHE``): ``SEQLENS[b]`` valid rows; query ``t`` sees keys
   ``j <= len - T + t`` (bottom-right aligned);
-- cross mode: every key, optionally filtered by a key padding mask (nonzero = real).
-A query that sees no key returns 0.
+- cross mode: every key.
+Either mode can filter keys with a key padding mask (nonzero = real). A query that
+sees no key returns 0.
 """
 
 from __future__ import annotations
@@ -22,14 +23,15 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+from ..constants import LOG2E
+
 MAX_SPLITS = 128
 MIN_BLOCKS_PER_SPLIT = 2  # keep each split long enough to amortise the merge
 MERGE_SPLIT_BLOCK = 16
 
 
 @triton.jit
-def _split_kernel(
+def _decode_attention_split_kernel(
     Q, K, V, SEQLENS, MASK, OUT, PART_O, PART_LSE,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kl, stride_kh, stride_kd,
@@ -125,7 +127,7 @@ def _split_kernel(
 
 
 @triton.jit
-def _merge_kernel(
+def _decode_attention_merge_kernel(
     PART_O, PART_LSE, OUT,
     stride_ob, stride_ot, stride_oh, stride_od,
     n_q_heads, t_new, n_splits,
@@ -187,13 +189,14 @@ def choose_num_splits(programs: int, key_len: int, block_n: int, sm_count: int) 
     return max(1, min(wanted, by_length, MAX_SPLITS))
 
 
-def decode_attention_fwd(q, k, v, *, seqlens=None, key_mask=None, scale=None,
-                         num_splits=None, sm_count=132):
+def decode_attention(q, k, v, *, seqlens=None, key_mask=None, scale=None, num_splits=None,
+                     sm_count=132):
     """Launch the decode kernels. ``q`` ``[B, T, Hq, D]``; ``k``/``v`` ``[B, Lk, Hkv, D]``.
 
-    ``seqlens`` (int ``[B]``) selects cache mode; else ``key_mask`` (bool/uint8
-    ``[B, Lk]`` or None) filters keys. ``num_splits`` None = heuristic. Returns a new
-    ``[B, T, Hq, D]`` tensor of ``q``'s dtype. Allocations depend on shapes only.
+    ``seqlens`` (int ``[B]``) selects cache mode (bottom-right causal over each row's
+    valid length); ``key_mask`` (bool/uint8 ``[B, Lk]``, nonzero = real) filters keys,
+    in either mode. ``num_splits`` None = heuristic. Returns a new ``[B, T, Hq, D]``
+    tensor of ``q``'s dtype. Allocations depend on shapes only.
     """
     batch, t_new, n_q, head_dim = q.shape
     key_len, n_kv = k.shape[1], k.shape[2]
@@ -222,7 +225,7 @@ def decode_attention_fwd(q, k, v, *, seqlens=None, key_mask=None, scale=None,
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
     grid = (batch * n_kv, num_splits, m_tiles)
-    _split_kernel[grid](
+    _decode_attention_split_kernel[grid](
         q, k, v, seqlens_arg, mask_arg, out, part_o, part_lse,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
         n_q, n_kv, t_new, key_len, keys_per_split, num_splits, scale * LOG2E,
@@ -232,7 +235,7 @@ def decode_attention_fwd(q, k, v, *, seqlens=None, key_mask=None, scale=None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if not single:
-        _merge_kernel[(batch * n_q * t_new,)](
+        _decode_attention_merge_kernel[(batch * n_q * t_new,)](
             part_o, part_lse, out, *out.stride(), n_q, t_new, num_splits,
             HEAD_DIM=head_dim, BLOCK_S=max(16, triton.next_power_of_2(num_splits)),
             SPLIT_BLOCK=MERGE_SPLIT_BLOCK, BLOCK_D=cfg["BLOCK_D"], num_warps=4,

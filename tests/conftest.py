@@ -55,6 +55,21 @@ def backend(monkeypatch):
     return force
 
 
+@pytest.fixture
+def poison_alloc(monkeypatch):
+    """Make fresh float buffers (``torch.empty``/``empty_like``) NaN, so an element a
+    kernel forgets to write fails the comparison."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models: each op is microseconds of work, so a second thread only adds its

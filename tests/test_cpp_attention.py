@@ -14,7 +14,8 @@ import torch
 
 from _helpers import assert_close, padding_mask, rand
 from fastencdec import ops, reference
-from fastencdec.ops import cpp_attention, dispatch
+from fastencdec.ops import dispatch
+from fastencdec.ops.backends import cpp as cpp_backend
 
 _C = pytest.importorskip("fastencdec._C")
 
@@ -286,16 +287,17 @@ def test_noncontiguous_inputs(isa, cpp, seed):
 
 
 def test_dispatch_uses_cpp(cpp):
-    cpu = torch.device("cpu")
-    for op in ("self_attention", "cross_attention", "decode_attention", "append_kv_cache"):
-        assert dispatch.get_impl(op, cpu) is getattr(cpp_attention, op)
+    for op in ("self_attention", "cross_attention", "decode_attention", "append_kv_cache",
+               "apply_rope"):
+        name, kernel = dispatch.resolve(op, "cpu")
+        assert name == "cpp" and kernel is cpp_backend.KERNELS[op]
 
 
 def test_float64_falls_back_to_reference(cpp, monkeypatch, seed):
     q = torch.randn(1, 5, 2, 8, dtype=torch.float64)
     k = torch.randn(1, 5, 1, 8, dtype=torch.float64)
     v = torch.randn(1, 5, 1, 8, dtype=torch.float64)
-    assert cpp_attention.self_attention.unsupported(q, k, v, causal=True) is not None
+    assert cpp_backend.KERNELS["self_attention"].unsupported(q, k, v) is not None
     monkeypatch.setattr(dispatch, "_warned", set())  # the fallback warns once per process
     with pytest.warns(UserWarning, match="reference"):
         out = ops.self_attention(q, k, v, causal=True)
@@ -306,8 +308,8 @@ def test_noncontiguous_cache_append_falls_back(cpp, monkeypatch, seed):
     q, k, v = torch.randn(1, 1, 2, 8), torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
     big = torch.zeros(1, 10, 2, 8)
     k_cache, v_cache = big[:, :, :1], big[:, :, 1:]
-    assert cpp_attention.append_kv_cache.unsupported(q, k, v, k_cache, v_cache,
-                                                      torch.tensor([3])) is not None
+    assert cpp_backend.KERNELS["append_kv_cache"].unsupported(
+        q, k, v, k_cache, v_cache, torch.tensor([3]), None) is not None
     monkeypatch.setattr(dispatch, "_warned", set())
     with pytest.warns(UserWarning, match="non-contiguous"):
         ops.append_kv_cache(q, k, v, k_cache, v_cache, torch.tensor([3]), rope=False)
@@ -375,18 +377,22 @@ def test_c_bad_inputs_raise():
         _self(odd, positions=np.zeros((1, 4), np.int64))
 
     lens = np.array([3], np.int64)
-    _C.decode_attention(a["q"], a["kc"], a["vc"], lens, a["out"], 0.5, "float32", 1)
+    _C.decode_attention(a["q"], a["kc"], a["vc"], lens, None, a["out"], 0.5, "float32", 1)
     for bad_lens in (np.array([7], np.int64), np.array([-1], np.int64), np.array([3, 3], np.int64)):
         with pytest.raises(ValueError):
-            _C.decode_attention(a["q"], a["kc"], a["vc"], bad_lens, a["out"], 0.5, "float32", 1)
-    _C.decode_attention(a["q"], a["kc"], a["vc"], lens.astype(np.int32), a["out"], 0.5,
+            _C.decode_attention(a["q"], a["kc"], a["vc"], bad_lens, None, a["out"], 0.5, "float32",
+                                1)
+    _C.decode_attention(a["q"], a["kc"], a["vc"], lens.astype(np.int32), None, a["out"], 0.5,
                         "float32", 1)  # int32 lengths are fine
     with pytest.raises(TypeError):
-        _C.decode_attention(a["q"], a["kc"], a["vc"], lens.astype(np.uint8), a["out"], 0.5,
-                            "float32", 1)
+        _C.decode_attention(a["q"], a["kc"], a["vc"], lens.astype(np.uint8), None, a["out"],
+                            0.5, "float32", 1)
     with pytest.raises(ValueError):  # int32 values are range-checked too
-        _C.decode_attention(a["q"], a["kc"], a["vc"], np.array([9], np.int32), a["out"], 0.5,
-                            "float32", 1)
+        _C.decode_attention(a["q"], a["kc"], a["vc"], np.array([9], np.int32), None, a["out"],
+                            0.5, "float32", 1)
+    with pytest.raises(ValueError, match="key_padding_mask"):  # mask of the wrong shape
+        _C.decode_attention(a["q"], a["kc"], a["vc"], lens, np.ones((1, 5), bool), a["out"],
+                            0.5, "float32", 1)
     with pytest.raises(ValueError):
         _C.cross_attention(a["q"], a["kc"], a["vc"][:, :5].copy(), a["out"], None, 0.5,
                            "float32", 1)

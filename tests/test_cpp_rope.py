@@ -69,26 +69,37 @@ def test_non_contiguous_input(backend, seed):
     assert_close(ops.apply_rope(x, 1), reference.apply_rope(x.double(), 1), torch.float32)
 
 
+def test_inverse_undoes_the_rotation(isa, backend, seed):
+    backend("cpp")
+    x = torch.randn(2, 9, 3, 16)
+    turned = ops.apply_rope(x, 5, theta=500.0)
+    assert_close(ops.apply_rope(turned, 5, theta=500.0, inverse=True), x.double(), torch.float32)
+    assert_close(ops.apply_rope(x, 5, theta=500.0, inverse=True),
+                 reference.apply_rope(x.double(), 5, theta=500.0, inverse=True), torch.float32)
+
+
 def test_binding_rejects_bad_arrays():
     x = np.zeros((4, 2, 8), dtype=np.float32)
     pos = np.zeros(4, dtype=np.int64)
     out = np.zeros_like(x)
     with pytest.raises(TypeError, match="dtype"):
-        _C.rope_apply(x.astype(np.float64), pos, 10000.0, out, 1)
+        _C.apply_rope(x.astype(np.float64), pos, 10000.0, out, False, 1)
     with pytest.raises(ValueError, match="C-contiguous"):
-        _C.rope_apply(np.zeros((8, 2, 4), dtype=np.float32).transpose(2, 1, 0), pos, 1e4, out, 1)
+        _C.apply_rope(np.zeros((8, 2, 4), dtype=np.float32).transpose(2, 1, 0), pos, 1e4, out,
+                      False, 1)
     with pytest.raises(ValueError, match="positions"):
-        _C.rope_apply(x, np.zeros(3, dtype=np.int64), 10000.0, out, 1)
+        _C.apply_rope(x, np.zeros(3, dtype=np.int64), 10000.0, out, False, 1)
     with pytest.raises(ValueError, match="out"):
-        _C.rope_apply(x, pos, 10000.0, np.zeros((4, 2, 6), dtype=np.float32), 1)
+        _C.apply_rope(x, pos, 10000.0, np.zeros((4, 2, 6), dtype=np.float32), False, 1)
     with pytest.raises(ValueError, match="even"):
-        _C.rope_apply(np.zeros((4, 2, 7), np.float32), pos, 1e4, np.zeros((4, 2, 7), np.float32), 1)
+        _C.apply_rope(np.zeros((4, 2, 7), np.float32), pos, 1e4,
+                      np.zeros((4, 2, 7), np.float32), False, 1)
     readonly = np.zeros_like(x)
     readonly.setflags(write=False)
     with pytest.raises(ValueError, match="read-only"):
-        _C.rope_apply(x, pos, 10000.0, readonly, 1)
+        _C.apply_rope(x, pos, 10000.0, readonly, False, 1)
     with pytest.raises(ValueError, match="num_threads"):
-        _C.rope_apply(x, pos, 10000.0, out, 0)
+        _C.apply_rope(x, pos, 10000.0, out, False, 0)
 
 
 def test_bad_isa_request(monkeypatch):

@@ -1,6 +1,8 @@
-"""Fused distillation loss (Triton) against the float64 reference: loss and gradients.
+"""Fused distillation loss (Triton, and the chunked CPU loss) against the float64
+reference: loss and gradients.
 
-CPU runs use Triton's interpreter. Ignored rows hold NaN (hidden states, logits and
+CPU runs use Triton's interpreter, and the CPU backend ("cpp": torch GEMMs + a
+vectorised row kernel) runs every case too. Ignored rows hold NaN (hidden states, logits and
 teacher logits) in every case, so a masked row that leaks shows up as NaN, and fresh
 ``torch.empty`` buffers are NaN-filled so an unwritten output fails. Cases follow a
 covering grid (divergence x alpha x tau x vocab sizes x dtypes), not a full product.
@@ -16,25 +18,22 @@ import torch
 import fastencdec.ops as ops
 import fastencdec.reference as ref
 from _helpers import DISTILL_LARGE_LOGITS_TOLERANCE, assert_close, rand
-from fastencdec.ops import dispatch, triton_distill
+from fastencdec.ops import dispatch
+from fastencdec.ops.backends import distill_chunks
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 IGNORE = -100
 
 
-@pytest.fixture
-def poison_alloc(monkeypatch):
-    """Make fresh float buffers NaN so elements a kernel forgets to write fail."""
-    empty, empty_like = torch.empty, torch.empty_like
+LOSS_BACKENDS = ["triton"] + (["cpp"] if DEVICE == "cpu" else [])
 
-    def fill(t):
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
 
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
+@pytest.fixture(params=LOSS_BACKENDS)
+def loss_backend(request, backend):
+    """Each test runs on every backend with a fused loss kernel for this device."""
+    backend(request.param)
+    return request.param
 
 
 @pytest.fixture
@@ -82,9 +81,8 @@ FUSED_CASES = [
 
 
 @pytest.mark.parametrize("divergence,alpha,tau,v_s,v_t,dtype,t_dtype,chunk", FUSED_CASES)
-def test_fused_matches_reference(backend, poison_alloc, small_blocks, seed,
+def test_fused_matches_reference(loss_backend, poison_alloc, small_blocks, seed,
                                  divergence, alpha, tau, v_s, v_t, dtype, t_dtype, chunk):
-    backend("triton")
     n, d = 22, 24
     labels = _labels(n, v_s)
     hidden = _poison_ignored(rand(n, d, dtype=dtype, device=DEVICE), labels)
@@ -114,9 +112,8 @@ LOGITS_CASES = [
 
 
 @pytest.mark.parametrize("divergence,alpha,tau,v_s,v_t,dtype,t_dtype", LOGITS_CASES)
-def test_from_logits_matches_reference(backend, poison_alloc, small_blocks, seed,
+def test_from_logits_matches_reference(loss_backend, poison_alloc, small_blocks, seed,
                                        divergence, alpha, tau, v_s, v_t, dtype, t_dtype):
-    backend("triton")
     n = 29
     labels = _labels(n, v_s)
     logits = _poison_ignored(rand(n, v_s, dtype=dtype, device=DEVICE, scale=3.0), labels)
@@ -138,9 +135,8 @@ def test_from_logits_matches_reference(backend, poison_alloc, small_blocks, seed
 
 @pytest.mark.parametrize("divergence,v_t,t_dtype,chunk",
                          [("reverse_kl", 1200, F16, 8), ("forward_kl", 900, F32, None)])
-def test_from_teacher_hidden_matches_reference(backend, poison_alloc, small_blocks, seed,
+def test_from_teacher_hidden_matches_reference(loss_backend, poison_alloc, small_blocks, seed,
                                                divergence, v_t, t_dtype, chunk):
-    backend("triton")
     n, d, d_t, v_s = 21, 16, 40, 1000
     labels = _labels(n, v_s)
     hidden = _poison_ignored(rand(n, d, device=DEVICE), labels)
@@ -163,8 +159,7 @@ def test_from_teacher_hidden_matches_reference(backend, poison_alloc, small_bloc
     _check_grads([("grad_hidden", h.grad, h64.grad), ("grad_weight", w.grad, w64.grad)], F32)
 
 
-def test_all_rows_ignored_gives_zero(backend, poison_alloc, seed):
-    backend("triton")
+def test_all_rows_ignored_gives_zero(loss_backend, poison_alloc, seed):
     n, d, v = 6, 8, 300
     labels = torch.full((n,), IGNORE, device=DEVICE)
     nan = float("nan")
@@ -185,11 +180,10 @@ def test_all_rows_ignored_gives_zero(backend, poison_alloc, seed):
                                                   ("forward_kl", 2.0, "spread"),
                                                   ("reverse_kl", 2.0, "offset"),
                                                   ("forward_kl", 1.0, "offset")])
-def test_huge_logits(backend, small_blocks, seed, divergence, tau, shape):
+def test_huge_logits(loss_backend, small_blocks, seed, divergence, tau, shape):
     """Logits of magnitude 1e4 on large offsets. "spread": near one-hot distributions;
     "offset": student ~ teacher, so the divergence is small next to the logits and any
     statistic not kept relative to the running max loses it to cancellation."""
-    backend("triton")
     n, v = 9, 1000
     labels = _labels(n, v, ignored=(3,))
     base = rand(n, v, dtype=torch.float64, device=DEVICE)
@@ -215,9 +209,8 @@ def test_huge_logits(backend, small_blocks, seed, divergence, tau, shape):
 
 
 @pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl"])
-def test_one_hot_teacher(backend, small_blocks, seed, divergence):
+def test_one_hot_teacher(loss_backend, small_blocks, seed, divergence):
     """A teacher whose probabilities underflow to exactly one-hot: 0 * log 0 = 0."""
-    backend("triton")
     n, v, d = 11, 500, 16
     labels = _labels(n, v, ignored=(2,))
     teacher = torch.full((n, v), -1e4, device=DEVICE)
@@ -235,9 +228,8 @@ def test_one_hot_teacher(backend, small_blocks, seed, divergence):
     _check_grads([("grad_hidden", h.grad, h64.grad), ("grad_weight", w.grad, w64.grad)], F32)
 
 
-def test_full_vocab_small_batch(backend, poison_alloc, seed):
+def test_full_vocab_small_batch(loss_backend, poison_alloc, seed):
     """mu-330m's vocabulary (32128, several kernel blocks, not a power of two)."""
-    backend("triton")
     n, d, v = 5, 16, 32128
     labels = _labels(n, v, ignored=(1,))
     hidden, weight = rand(n, d, device=DEVICE), rand(v, d, device=DEVICE, scale=0.3)
@@ -252,10 +244,9 @@ def test_full_vocab_small_batch(backend, poison_alloc, seed):
     _check_grads([("grad_hidden", h.grad, h64.grad), ("grad_weight", w.grad, w64.grad)], F32)
 
 
-def test_gradient_only_where_needed(backend, seed):
+def test_gradient_only_where_needed(loss_backend, seed):
     """No grad mode, and a frozen LM head: the loss is unchanged, grads only for leaves.
     (The labels are a strided view.)"""
-    backend("triton")
     n, d, v = 12, 8, 200
     labels = torch.stack([_labels(n, v)] * 2, dim=1)[:, 0]
     hidden, weight = rand(n, d, device=DEVICE), rand(v, d, device=DEVICE)
@@ -275,21 +266,19 @@ def test_gradient_only_where_needed(backend, seed):
     assert_close(plain, expected, F32)
 
 
-def test_triton_backend_is_used(backend):
-    backend("triton")
+def test_fused_backend_is_used(loss_backend):
     for op in ("distill_loss", "distill_loss_from_logits", "distill_loss_from_teacher_hidden"):
-        impl = dispatch.get_impl(op, torch.device(DEVICE), needs_grad=True)
-        assert impl is getattr(triton_distill, op)
+        assert dispatch.resolve(op, DEVICE)[0] == loss_backend
 
 
 def test_chunk_rows_fit_the_budget():
     row = 32128 * 2  # mu-330m, bf16 logits
-    rows = triton_distill.choose_chunk_rows(8192, row)
-    assert rows * row <= triton_distill.CHUNK_BUDGET_BYTES + 64 * row
+    rows = distill_chunks.choose_chunk_rows(8192, row)
+    assert rows * row <= distill_chunks.GPU_CHUNK_BYTES + 64 * row
     assert math.ceil(8192 / rows) == 2  # a few large chunks, not many small ones
-    assert triton_distill.choose_chunk_rows(100, row) == 100  # one chunk, capped by N
-    assert triton_distill.choose_chunk_rows(0, row) == 1
-    assert triton_distill.choose_chunk_rows(5, 10**12) == 1  # a huge row still progresses
+    assert distill_chunks.choose_chunk_rows(100, row) == 100  # one chunk, capped by N
+    assert distill_chunks.choose_chunk_rows(0, row) == 1
+    assert distill_chunks.choose_chunk_rows(5, 10**12) == 1  # a huge row still progresses
 
 
 def test_teacher_hidden_validation():
@@ -310,8 +299,7 @@ def test_teacher_hidden_validation():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("divergence,chunk", [("reverse_kl", None), ("forward_kl", 256)])
-def test_bf16_realistic_shape(backend, seed, divergence, chunk):
-    backend("triton")
+def test_bf16_realistic_shape(loss_backend, seed, divergence, chunk):
     n, d, v = 1024, 512, 32128
     labels = _labels(n, v, ignored=range(0, n, 7))
     hidden = _poison_ignored(rand(n, d, dtype=BF16, device=DEVICE), labels)

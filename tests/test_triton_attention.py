@@ -2,7 +2,7 @@
 float64 reference. CPU runs use Triton's interpreter.
 
 Every buffer the kernels must write is NaN-poisoned before the launch
-(``FASTENCDEC_POISON_OUTPUTS=1``, autouse below), so a forgotten element fails.
+(``poison_alloc``, autouse below), so a forgotten element fails.
 Shapes follow a pairwise grid, not a full product: the interpreter is slow.
 """
 
@@ -14,24 +14,24 @@ import torch
 import fastencdec.ops as ops
 import fastencdec.reference as ref
 from _helpers import assert_close, padding_mask, rand
+from fastencdec.kernels import attention_bwd, attention_fwd, attention_setup
 from fastencdec.ops import dispatch
-from fastencdec.ops import triton_attention as ta
+from fastencdec.ops.backends import triton as tb
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 
 @pytest.fixture(autouse=True)
-def triton_backend(backend, monkeypatch):
+def triton_backend(backend, poison_alloc):
     backend("triton")
-    monkeypatch.setenv(ta.POISON_ENV_VAR, "1")
 
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Count forward/backward launches, to prove the Triton path ran (no fallback)."""
     calls = {"fwd": 0, "bwd": 0}
-    forward, backward = ta._forward, ta._backward
+    forward, backward = attention_fwd.attention_fwd, attention_bwd.attention_bwd
 
     def counted_forward(*a, **k):
         calls["fwd"] += 1
@@ -41,8 +41,8 @@ def kernel_calls(monkeypatch):
         calls["bwd"] += 1
         return backward(*a, **k)
 
-    monkeypatch.setattr(ta, "_forward", counted_forward)
-    monkeypatch.setattr(ta, "_backward", counted_backward)
+    monkeypatch.setattr(attention_fwd, "attention_fwd", counted_forward)
+    monkeypatch.setattr(attention_bwd, "attention_bwd", counted_backward)
     return calls
 
 
@@ -219,7 +219,7 @@ def test_no_repeated_kv_in_forward_or_backward(seed, kernel_calls, monkeypatch):
 
 def test_poisoning_catches_unwritten_outputs(monkeypatch):
     """With the launch skipped, the poisoned output is all NaN (the check is real)."""
-    monkeypatch.setattr(ta, "_launch", lambda *args, **kwargs: None)
+    monkeypatch.setattr(attention_fwd, "launch", lambda *args, **kwargs: None)
     q = rand(1, 5, 2, 32, device=DEVICE)
     out = ops.self_attention(q, q[:, :, :1], q[:, :, :1], causal=False)
     assert torch.isnan(out).all()
@@ -233,7 +233,7 @@ def test_other_tile_shapes(seed, kernel_calls, monkeypatch, blocks):
     """The masked/unmasked phase split is right for other BLOCK_M/BLOCK_N ratios."""
     if DEVICE == "cuda":
         pytest.skip("tile shapes are autotuned on a GPU")
-    monkeypatch.setattr(ta, "INTERPRETER_BLOCKS", blocks)
+    monkeypatch.setattr(attention_setup, "INTERPRETER_BLOCKS", blocks)
     batch, seq_len = 2, 77
     q = rand(batch, seq_len, 4, 32)
     k = rand(batch, seq_len, 2, 32)
@@ -296,14 +296,14 @@ def test_positions_forms_agree(seed):
 
 def test_unsupported_inputs_fall_back_to_reference(seed):
     """head_dim 48 has no kernel: the reference runs, with a warning."""
-    dispatch._warned.clear()
+    dispatch.clear_cache()
     q = rand(1, 9, 2, 48, device=DEVICE)
     with pytest.warns(UserWarning, match="head_dim 48"):
         out = ops.self_attention(q, q, q, causal=True)
     assert_close(out, ref.self_attention(q.double(), q.double(), q.double(), causal=True), F32)
-    assert ta._unsupported(q[..., :32].to(F16), q, q) is None
-    if ta._interpreting():
-        assert "interpreter" in ta._unsupported(q[..., :32].to(BF16), q, q)
+    assert tb._unsupported_attention(q[..., :32].to(F16), q, q) is None
+    if DEVICE == "cpu":
+        assert "interpreter" in tb._unsupported_attention(q[..., :32].to(BF16), q, q)
 
 
 def test_cross_attention_decode_fast_path(seed, monkeypatch):
@@ -311,11 +311,11 @@ def test_cross_attention_decode_fast_path(seed, monkeypatch):
     queries, stay on the flash kernel."""
     seen = []
 
-    def fake_decode(q, k, v, key_padding_mask, scale):
+    def fake_decode(q, k, v, **kwargs):
         seen.append(q.shape[1])
         return torch.zeros_like(q)
 
-    monkeypatch.setattr(ta, "_decode_cross_attention", lambda: fake_decode)
+    monkeypatch.setattr(tb._decode, "decode_attention", fake_decode)
     k = rand(1, 30, 2, 32, device=DEVICE)
     q = rand(1, 16, 4, 32, device=DEVICE)
     ops.cross_attention(q, k, k)
@@ -324,9 +324,7 @@ def test_cross_attention_decode_fast_path(seed, monkeypatch):
     assert seen == [16]
 
 
-def test_cross_attention_decode_path_is_correct_when_present(seed):
-    if ta._decode_cross_attention() is None:
-        pytest.skip("fastencdec.ops.triton_decode.cross_attention_decode not available")
+def test_cross_attention_decode_path_is_correct(seed):
     q = rand(2, 3, 6, 64, device=DEVICE)
     k = rand(2, 50, 3, 64, device=DEVICE)
     mask = _mask("empty_row", 2, 50)

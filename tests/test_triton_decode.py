@@ -1,4 +1,4 @@
-"""Triton decode kernels (decode_attention, append_kv_cache, cross_attention_decode)
+"""Triton decode kernels (decode_attention in cache and cross mode, append_kv_cache)
 against the float64 reference. CPU runs use Triton's interpreter.
 
 Every allocation made by ``torch.empty``/``empty_like`` during a test is filled with
@@ -14,24 +14,13 @@ import torch
 import fastencdec.ops as ops
 import fastencdec.reference as ref
 from _helpers import assert_close, padding_mask, rand
-from fastencdec.ops import dispatch, triton_decode
-from fastencdec.ops.triton_decode import SPLITS_ENV_VAR, cross_attention_decode
+from fastencdec.kernels import append_kv_cache as append_kernel
+from fastencdec.kernels import decode_attention as decode_kernel
+from fastencdec.ops import dispatch
+from fastencdec.ops.backends import triton as tb
+from fastencdec.ops.backends.triton import SPLITS_ENV_VAR
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture
-def poison_alloc(monkeypatch):
-    """Make fresh float buffers NaN so elements a kernel forgets to write fail."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def fill(t):
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
 
 
 @pytest.fixture
@@ -105,6 +94,23 @@ def test_decode_attention(backend, splits, poison_alloc, seed,
     assert (out[1] == 0).all()  # empty row
 
 
+@pytest.mark.parametrize("n_splits", [1, 3])
+def test_decode_attention_with_key_mask(backend, splits, poison_alloc, seed, n_splits):
+    """Cache mode with a key mask too (generated pad tokens are masked keys)."""
+    backend("triton")
+    splits(n_splits)
+    lens = torch.tensor([30, 1, 64], device=DEVICE)
+    q = rand(3, 2, 6, 64, device=DEVICE)
+    kc, kc_ref = _cache(3, 64, 3, 64, lens, torch.float32)
+    vc, vc_ref = _cache(3, 64, 3, 64, lens, torch.float32)
+    mask = torch.rand(3, 64, device=DEVICE) < 0.7
+    mask[1] = False  # a row whose only key is masked
+    out = ops.decode_attention(q, kc, vc, lens, key_padding_mask=mask)
+    expected = ref.decode_attention(q.double(), kc_ref, vc_ref, lens, key_padding_mask=mask)
+    assert_close(out, expected, torch.float32)
+    assert (out[1] == 0).all()
+
+
 def test_decode_attention_scale_and_int32_lengths(backend, splits, poison_alloc, seed):
     backend("triton")
     splits(2)
@@ -123,8 +129,10 @@ def test_decode_splits_past_row_end_do_nothing(seed):
     q = rand(3, 1, 4, 32)
     kc, _ = _cache(3, 256, 2, 32, lens, torch.float32)
     vc, _ = _cache(3, 256, 2, 32, lens, torch.float32)
-    one = triton_decode.decode_attention(q, kc, vc, lens, num_splits=1)
-    many = triton_decode.decode_attention(q, kc, vc, lens, num_splits=8)
+    one = decode_kernel.decode_attention(q, kc, vc, seqlens=lens, num_splits=1,
+                                          sm_count=8)
+    many = decode_kernel.decode_attention(q, kc, vc, seqlens=lens, num_splits=8,
+                                          sm_count=8)
     assert torch.isfinite(many).all()
     torch.testing.assert_close(many, one, atol=2e-6, rtol=2e-6)
 
@@ -140,7 +148,8 @@ def test_decode_bad_lengths_stay_in_bounds(seed):
     kc, vc = big_k[:, :lmax], big_v[:, :lmax]
     q = rand(2, 1, 4, 32)
     for n in (1, 3):
-        out = triton_decode.decode_attention(q, kc, vc, torch.tensor([lmax + 7, -4]), num_splits=n)
+        out = decode_kernel.decode_attention(q, kc, vc, seqlens=torch.tensor([lmax + 7, -4]), num_splits=n,
+                                          sm_count=8)
         expected = ref.decode_attention(q.double(), kc.double(), vc.double(), torch.tensor([lmax, 0]))
         assert_close(out, expected, torch.float32)
 
@@ -152,7 +161,7 @@ def test_decode_nan_query_propagates(seed):
     kc, _ = _cache(2, 9, 2, 32, lens, torch.float32)
     vc, _ = _cache(2, 9, 2, 32, lens, torch.float32)
     for n in (1, 2):
-        out = triton_decode.decode_attention(q, kc, vc, lens, num_splits=n)
+        out = decode_kernel.decode_attention(q, kc, vc, seqlens=lens, num_splits=n, sm_count=8)
         assert out[0, 0, 1].isnan().all()
         assert torch.isfinite(out[1]).all() and torch.isfinite(out[0, 0, 2:]).all()
 
@@ -174,18 +183,17 @@ def test_cross_attention_decode(poison_alloc, seed, lq, lk, head_dim, heads, n_s
     k = rand(3, lk, n_kv, head_dim, dtype=dtype, device=DEVICE)
     v = rand(3, lk, n_kv, head_dim, dtype=dtype, device=DEVICE)
     mask = padding_mask(3, lk, fully_masked_row=1, device=DEVICE) if masked else None
-    out = cross_attention_decode(q, k, v, mask, None, num_splits=n_splits)
+    out = decode_kernel.decode_attention(q, k, v, key_mask=mask, num_splits=n_splits,
+                                        sm_count=8)
     expected = ref.cross_attention(q.double(), k.double(), v.double(), key_padding_mask=mask)
     assert_close(out, expected, dtype)
     if masked:
         assert (out[1] == 0).all()
 
 
-def test_cross_attention_decode_rejects_unsupported_head_dim():
+def test_cross_attention_rejects_unsupported_head_dim():
     q, k = rand(1, 1, 2, 48), rand(1, 5, 2, 48)
-    assert cross_attention_decode.unsupported(q, k, k)
-    with pytest.raises(ValueError, match="head_dim 48"):
-        cross_attention_decode(q, k, k, None, None)
+    assert "head_dim 48" in tb.KERNELS["cross_attention"].unsupported(q, k, k, None, 0.1)
 
 
 # (T, head_dim, (Hq, Hkv), rope, dtype). Rows start at [0, 5, Lmax - T] (the last
@@ -242,8 +250,9 @@ def test_append_kv_cache_long_positions(seed):
     starts = torch.tensor([100_000, 65_535])
     q, k, v = rand(2, 1, 2, 32), rand(2, 1, 2, 32), rand(2, 1, 2, 32)
     # q is rotated even though the rows fall outside this small cache (nothing is written).
-    q_rot = triton_decode.append_kv_cache(q, k, v, torch.zeros(2, 4, 2, 32),
-                                          torch.zeros(2, 4, 2, 32), starts)
+    turns = tb._turns_per_position(q.device, 32, 10000.0)
+    q_rot = append_kernel.append_kv_cache(q, k, v, torch.zeros(2, 4, 2, 32),
+                                          torch.zeros(2, 4, 2, 32), starts, turns)
     positions = starts[:, None]
     assert_close(q_rot, ref.apply_rope(q.double(), positions), torch.float32)
 
@@ -253,8 +262,9 @@ def test_append_bad_lengths_never_write_past_cache(seed):
     big_k = torch.full((2, lmax + over, 2, 32), float("nan"))
     big_v = big_k.clone()
     q, k, v = rand(2, 3, 2, 32), rand(2, 3, 2, 32), rand(2, 3, 2, 32)
-    triton_decode.append_kv_cache(q, k, v, big_k[:, :lmax], big_v[:, :lmax],
-                                  torch.tensor([lmax - 1, lmax + 2]))
+    append_kernel.append_kv_cache(q, k, v, big_k[:, :lmax], big_v[:, :lmax],
+                                  torch.tensor([lmax - 1, lmax + 2]),
+                                  tb._turns_per_position(q.device, 32, 10000.0))
     assert big_k[:, lmax:].isnan().all() and big_v[:, lmax:].isnan().all()
     assert torch.isfinite(big_k[0, lmax - 1]).all()  # the one row that fits was written
 
@@ -295,7 +305,7 @@ def test_unsupported_head_dim_falls_back(backend, monkeypatch, seed):
     monkeypatch.setattr(dispatch, "_warned", set())  # the warning is once per process
     lens = torch.tensor([4])
     q, kc, vc = rand(1, 1, 2, 48), rand(1, 6, 1, 48), rand(1, 6, 1, 48)
-    assert triton_decode.decode_attention.unsupported(q, kc, vc, lens)
+    assert tb.KERNELS["decode_attention"].unsupported(q, kc, vc, lens, None, 0.1)
     with pytest.warns(UserWarning, match="head_dim 48"):
         out = ops.decode_attention(q, kc, vc, lens)
     assert_close(out, ref.decode_attention(q.double(), kc.double(), vc.double(), lens),
@@ -323,7 +333,7 @@ def test_decode_bf16_long(backend, poison_alloc, seed, batch, mode):
         k = rand(batch, lk, n_kv, head_dim, dtype=dtype, device="cuda")
         v = rand(batch, lk, n_kv, head_dim, dtype=dtype, device="cuda")
         mask = padding_mask(batch, lk, device="cuda")
-        out = cross_attention_decode(q, k, v, mask, None)
+        out = decode_kernel.decode_attention(q, k, v, key_mask=mask, sm_count=132)
         expected = ref.cross_attention(q.double(), k.double(), v.double(), key_padding_mask=mask)
     assert_close(out, expected, dtype)
 

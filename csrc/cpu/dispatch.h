@@ -23,7 +23,7 @@
 #define FED_CASE_NEON(FN, ...)
 #endif
 
-// FED_DISPATCH(rope_apply, args...) runs fastencdec::cpu::<active isa>::rope_apply(args...).
+// FED_DISPATCH(apply_rope, args...) runs fastencdec::cpu::<active isa>::apply_rope(args...).
 #define FED_DISPATCH(FN, ...)                                         \
   do {                                                                \
     using ::fastencdec::cpu::Isa;                                     \

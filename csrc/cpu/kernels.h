@@ -41,7 +41,7 @@ struct AttentionProblem {
 // positions cache_seqlens[b] + t (when inv_freq is set), write rotated q to q_out and
 // k, v into rows cache_seqlens[b] + t of k_cache/v_cache [B, Lmax, Hkv, D].
 // Requires cache_seqlens[b] + T <= Lmax.
-struct KvAppendProblem {
+struct AppendKvCacheProblem {
   Storage storage = Storage::kF32;
   const void* q = nullptr;
   const void* k = nullptr;
@@ -61,13 +61,13 @@ struct KvAppendProblem {
   namespace fastencdec::cpu::NS {                                                        \
   /* x, out: [rows, heads, head_dim] fp32 contiguous; positions: [rows] int64;          \
      inv_freq: [head_dim / 2]. out may alias x. */                                       \
-  void rope_apply(const float* x, float* out, const int64_t* positions,                  \
+  void apply_rope(const float* x, float* out, const int64_t* positions,                  \
                   const double* inv_freq, int64_t rows, int64_t heads, int64_t head_dim,  \
                   int num_threads);                                                      \
   /* Self-, cross- and cache-decode attention (AttentionProblem). */                     \
   void attention_forward(const AttentionProblem& problem);                               \
-  /* RoPE + KV-cache append (KvAppendProblem). */                                        \
-  void kv_cache_append(const KvAppendProblem& problem);                                  \
+  /* RoPE + KV-cache append (AppendKvCacheProblem). */                                        \
+  void append_kv_cache(const AppendKvCacheProblem& problem);                                  \
   }
 
 FED_DECLARE_KERNELS(scalar)

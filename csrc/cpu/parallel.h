@@ -1,6 +1,5 @@
 // Thread-parallel loops over [0, n) (OpenMP when built with it, serial otherwise).
-//   parallel_for(n, threads, body(begin, end))            contiguous chunks, one per thread
-//   parallel_for_tid(n, threads, body(begin, end, tid))   same, with the thread index
+//   parallel_for_tid(n, threads, body(begin, end, tid))   contiguous chunks, one per thread
 //   parallel_for_dynamic(n, threads, body(i, tid))        items handed out one at a time
 // tid is always < max(1, min(threads, n)), so callers can size per-thread scratch
 // with used_threads(). Bodies must not throw (allocate before the loop).
@@ -38,11 +37,6 @@ inline void parallel_for_tid(int64_t n, int num_threads, const F& body) {
   }
 #endif
   body(0, n, 0);
-}
-
-template <typename F>
-inline void parallel_for(int64_t n, int num_threads, const F& body) {
-  parallel_for_tid(n, num_threads, [&](int64_t begin, int64_t end, int) { body(begin, end); });
 }
 
 // For items of uneven cost (causal blocks, per-row cache lengths): list the

@@ -43,7 +43,6 @@ struct VecF {
   static VecF fmadd(VecF a, VecF b, VecF c) { return VecF(_mm512_fmadd_ps(a.v, b.v, c.v)); }
   static VecF fnmadd(VecF a, VecF b, VecF c) { return VecF(_mm512_fnmadd_ps(a.v, b.v, c.v)); }
   static VecF max(VecF a, VecF b) { return VecF(_mm512_max_ps(a.v, b.v)); }
-  static VecF min(VecF a, VecF b) { return VecF(_mm512_min_ps(a.v, b.v)); }
   float reduce_add() const { return _mm512_reduce_add_ps(v); }
   float reduce_max() const { return _mm512_reduce_max_ps(v); }
   // (a <= b) ? x : y and (a == b) ? x : y per lane (ordered compares: NaN gives y).
@@ -92,7 +91,6 @@ struct VecF {
   static VecF fmadd(VecF a, VecF b, VecF c) { return VecF(_mm256_fmadd_ps(a.v, b.v, c.v)); }
   static VecF fnmadd(VecF a, VecF b, VecF c) { return VecF(_mm256_fnmadd_ps(a.v, b.v, c.v)); }
   static VecF max(VecF a, VecF b) { return VecF(_mm256_max_ps(a.v, b.v)); }
-  static VecF min(VecF a, VecF b) { return VecF(_mm256_min_ps(a.v, b.v)); }
   float reduce_add() const {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -143,7 +141,6 @@ struct VecF {
   static VecF fmadd(VecF a, VecF b, VecF c) { return VecF(vfmaq_f32(c.v, a.v, b.v)); }
   static VecF fnmadd(VecF a, VecF b, VecF c) { return VecF(vfmsq_f32(c.v, a.v, b.v)); }
   static VecF max(VecF a, VecF b) { return VecF(vmaxq_f32(a.v, b.v)); }
-  static VecF min(VecF a, VecF b) { return VecF(vminq_f32(a.v, b.v)); }
   float reduce_add() const { return vaddvq_f32(v); }
   float reduce_max() const { return vmaxvq_f32(v); }
   static VecF if_le(VecF a, VecF b, VecF x, VecF y) {
@@ -183,7 +180,6 @@ struct VecF {
   static VecF fmadd(VecF a, VecF b, VecF c) { return VecF(a.v * b.v + c.v); }
   static VecF fnmadd(VecF a, VecF b, VecF c) { return VecF(c.v - a.v * b.v); }
   static VecF max(VecF a, VecF b) { return VecF(a.v > b.v ? a.v : b.v); }
-  static VecF min(VecF a, VecF b) { return VecF(a.v < b.v ? a.v : b.v); }
   float reduce_add() const { return v; }
   float reduce_max() const { return v; }
   static VecF if_le(VecF a, VecF b, VecF x, VecF y) { return a.v <= b.v ? x : y; }

@@ -29,7 +29,7 @@ FED_DECLARE_KERNELS(CHECK_ISA)
 namespace {
 
 using fastencdec::cpu::AttentionProblem;
-using fastencdec::cpu::KvAppendProblem;
+using fastencdec::cpu::AppendKvCacheProblem;
 using fastencdec::cpu::Storage;
 namespace isa = fastencdec::cpu::CHECK_ISA;
 
@@ -166,7 +166,7 @@ void check_attention(const Case& c, Storage st) {
   report(what, err, f32 ? 2e-5 : st == Storage::kBF16 ? 1e-2 : 2e-3);
 }
 
-// Fused RoPE == RoPE first (rope_apply), then attention without RoPE; and append.
+// Fused RoPE == RoPE first (apply_rope), then attention without RoPE; and append.
 void check_rope_paths() {
   const int B = 2, L = 77, Hq = 4, Hkv = 2, D = 32, Lmax = 20;
   std::mt19937 rng(5);
@@ -179,8 +179,8 @@ void check_rope_paths() {
   std::vector<int64_t> pos(L), pos_rows(B * L);
   for (int i = 0; i < L; ++i) pos[i] = pos_rows[i] = pos_rows[L + i] = 3 * i + 1000;
   std::vector<float> q_rot(q.size()), k_rot(k.size()), fused(q.size()), unfused(q.size());
-  isa::rope_apply(q.data(), q_rot.data(), pos_rows.data(), inv_freq.data(), B * L, Hq, D, 1);
-  isa::rope_apply(k.data(), k_rot.data(), pos_rows.data(), inv_freq.data(), B * L, Hkv, D, 1);
+  isa::apply_rope(q.data(), q_rot.data(), pos_rows.data(), inv_freq.data(), B * L, Hq, D, 1);
+  isa::apply_rope(k.data(), k_rot.data(), pos_rows.data(), inv_freq.data(), B * L, Hkv, D, 1);
 
   AttentionProblem p;
   p.batch = B;
@@ -206,7 +206,7 @@ void check_rope_paths() {
   isa::attention_forward(p);
   double err = 0;
   for (size_t i = 0; i < fused.size(); ++i) err = std::max(err, double(std::fabs(fused[i] - unfused[i])));
-  report("fused RoPE == rope_apply + attention", err, 1e-5);
+  report("fused RoPE == apply_rope + attention", err, 1e-5);
 
   // Append token 0 of each row at cache rows {5, 19}.
   std::vector<float> q1(B * Hq * D), k1(B * Hkv * D), v1(B * Hkv * D), q1_out(q1.size());
@@ -217,7 +217,7 @@ void check_rope_paths() {
     std::memcpy(&v1[b * Hkv * D], &v[b * L * Hkv * D], sizeof(float) * Hkv * D);
   }
   std::vector<int64_t> lens = {5, 19};
-  KvAppendProblem a;
+  AppendKvCacheProblem a;
   a.batch = B;
   a.new_len = 1;
   a.q_heads = Hq;
@@ -233,10 +233,10 @@ void check_rope_paths() {
   a.cache_seqlens = lens.data();
   a.inv_freq = inv_freq.data();
   a.num_threads = 2;
-  isa::kv_cache_append(a);
+  isa::append_kv_cache(a);
   std::vector<float> q1_rot(q1.size()), k1_rot(k1.size());
-  isa::rope_apply(q1.data(), q1_rot.data(), lens.data(), inv_freq.data(), B, Hq, D, 1);
-  isa::rope_apply(k1.data(), k1_rot.data(), lens.data(), inv_freq.data(), B, Hkv, D, 1);
+  isa::apply_rope(q1.data(), q1_rot.data(), lens.data(), inv_freq.data(), B, Hq, D, 1);
+  isa::apply_rope(k1.data(), k1_rot.data(), lens.data(), inv_freq.data(), B, Hkv, D, 1);
   err = 0;
   for (size_t i = 0; i < q1.size(); ++i) err = std::max(err, double(std::fabs(q1_out[i] - q1_rot[i])));
   for (int b = 0; b < B; ++b)
@@ -245,7 +245,7 @@ void check_rope_paths() {
       err = std::max(err, double(std::fabs(k_cache[row] - k1_rot[b * Hkv * D + i])));
       err = std::max(err, double(std::fabs(v_cache[row] - v1[b * Hkv * D + i])));
     }
-  report("kv_cache_append == rope_apply + copy", err, 1e-5);
+  report("append_kv_cache == apply_rope + copy", err, 1e-5);
 }
 
 }  // namespace

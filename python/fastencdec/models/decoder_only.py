@@ -1,7 +1,7 @@
 """The decoder-only baseline of the paper's comparisons (DESIGN §1): the same
 pre-norm blocks (causal self-attention with RoPE + MLP), no cross-attention.
 
-Left-padded prompts are supported: positions count real tokens only
+Padding may be on either side: positions count real tokens only
 (``cumsum(mask) - 1``) and padded keys are masked, so a row's result does not
 depend on its padding.
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..generation.decoder_only import generate
-from . import inputs
+from .. import generation
+from .. import inputs
 from .config import DecoderOnlyConfig
 from .layers import Block, RMSNorm, init_weights
 from .outputs import IGNORE_INDEX, LMOutput, lm_loss
@@ -21,9 +21,10 @@ from .pretrained import PretrainedMixin
 
 class DecoderOnlyLM(PretrainedMixin, nn.Module):
     """``forward`` for training/scoring, ``hidden_states`` for the final hidden states,
-    ``generate`` (see :func:`fastencdec.generation.decoder_only.generate`)."""
+    ``generate`` (see :func:`fastencdec.generation.generate`)."""
 
     config_class = DecoderOnlyConfig
+    is_encoder_decoder = False
 
     def __init__(self, config: DecoderOnlyConfig):
         super().__init__()
@@ -39,28 +40,30 @@ class DecoderOnlyLM(PretrainedMixin, nn.Module):
         if self.config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
-    def hidden_states(self, input_ids, attention_mask=None) -> torch.Tensor:
-        """Final hidden states ``[B, L, d]`` (after the final norm). Padding may be on
-        either side; padded positions' states are meaningless."""
-        ids = inputs.token_ids("input_ids", input_ids, self.config.vocab_size)
-        return self._hidden(ids, inputs.attention_mask("attention_mask", attention_mask, ids))
+    def hidden_states(self, input_ids=None, attention_mask=None, *,
+                      inputs_embeds=None) -> torch.Tensor:
+        """Final hidden states ``[B, L, d]`` (after the final norm) of ``input_ids`` or
+        ``inputs_embeds`` ``[B, L, d_model]``. Padded positions' states are meaningless."""
+        x, mask = inputs.embedded("input_ids", input_ids, inputs_embeds, attention_mask,
+                                  self.embed)
+        return self._hidden(x, mask)
 
-    def _hidden(self, ids, mask):
-        positions = None if mask is None else (mask.long().cumsum(1) - 1).clamp(min=0)
-        x = self.embed(ids)
+    def _hidden(self, x, mask):
+        positions = None if mask is None else inputs.positions_from_mask(mask)
         for block in self.layers:
             x = block(x, key_padding_mask=mask, positions=positions)
         return self.norm(x)
 
-    def forward(self, input_ids, attention_mask=None, labels=None) -> LMOutput:
+    def forward(self, input_ids=None, attention_mask=None, labels=None, *,
+                inputs_embeds=None) -> LMOutput:
         """Logits ``[B, L, vocab]``; with ``labels`` ``[B, L]`` the mean CE of predicting
         ``labels[:, t + 1]`` from position ``t`` (shifted here, as in most causal-LM
         code); -100 and padded positions are ignored."""
-        ids = inputs.token_ids("input_ids", input_ids, self.config.vocab_size)
-        mask = inputs.attention_mask("attention_mask", attention_mask, ids)
+        x, mask = inputs.embedded("input_ids", input_ids, inputs_embeds, attention_mask,
+                                  self.embed)
         if labels is not None:
-            labels = inputs.labels("labels", labels, ids.shape, self.config.vocab_size)
-        logits = self.lm_head(self._hidden(ids, mask))
+            labels = inputs.labels("labels", labels, x.shape[:2], self.config.vocab_size)
+        logits = self.lm_head(self._hidden(x, mask))
         loss = None
         if labels is not None:
             if mask is not None:
@@ -69,15 +72,13 @@ class DecoderOnlyLM(PretrainedMixin, nn.Module):
         return LMOutput(logits=logits, loss=loss)
 
     # -- cached decoding (used by generate) ----------------------------------------------
-    def prefill(self, input_ids, attention_mask, cache) -> torch.Tensor:
-        """Run prompts ``[B, L]`` whose real tokens come first (right padding;
-        ``attention_mask`` None = none), filling cache rows ``0..L-1`` (of ``n`` copies
-        per prompt when the cache holds ``n * B`` rows). Returns each prompt's
+    def prefill(self, x, attention_mask, cache) -> torch.Tensor:
+        """Run embedded prompts ``x`` ``[B, L, d]`` whose real tokens come first (right
+        padding; ``attention_mask`` None = none), filling cache rows ``0..L-1`` (of ``n``
+        copies per prompt when the cache holds ``n * B`` rows). Returns each prompt's
         next-token logits ``[B, vocab]`` (at its last real token)."""
-        x = self.embed(input_ids)
         for i, block in enumerate(self.layers):
-            k_cache, v_cache = cache.layer(i)
-            x = block.prefill(x, attention_mask, k_cache, v_cache)
+            x = block.prefill(x, attention_mask, cache, i)
         if attention_mask is None:
             last = x[:, -1]
         else:
@@ -87,11 +88,12 @@ class DecoderOnlyLM(PretrainedMixin, nn.Module):
 
     def decode_step(self, tokens, cache) -> torch.Tensor:
         """Feed ``tokens`` ``[R, T]`` at positions ``cache.lens[r] + t``; returns the last
-        position's logits ``[R, vocab]``. ``cache.lens`` is advanced by the caller."""
+        position's logits ``[R, vocab]``. Marks the step in the cache (``begin_step``);
+        ``cache.lens`` is advanced by the caller."""
+        cache.begin_step(tokens, self.config.pad_token_id)
         x = self.embed(tokens)
         for i, block in enumerate(self.layers):
-            k_cache, v_cache = cache.layer(i)
-            x = block.step(x, k_cache, v_cache, cache.lens)
+            x = block.step(x, cache, i)
         return self.lm_head(self.norm(x[:, -1]))
 
-    generate = generate
+    generate = generation.generate

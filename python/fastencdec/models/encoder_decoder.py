@@ -4,6 +4,11 @@ The encoder reads the input once with bidirectional self-attention (RoPE, key
 padding mask). The decoder runs causal self-attention (RoPE), cross-attention
 (no RoPE) to the final encoder states, and an MLP. Pre-norm blocks, RMSNorm,
 input and output embeddings tied.
+
+Encoder RoPE positions count real tokens (``cumsum(mask) - 1``), so padding
+anywhere (left, right or inside) leaves the real tokens' outputs unchanged. With
+dynamic NTK scaling the encoder's base is taken at its padded length, as the
+reference model does.
 """
 
 from __future__ import annotations
@@ -11,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..generation.encoder_decoder import generate
-from . import inputs
+from .. import generation
+from .. import inputs
 from .config import EncDecConfig
 from .layers import Block, DecoderBlock, RMSNorm, init_weights
 from .outputs import IGNORE_INDEX, LMOutput, lm_loss
@@ -21,9 +26,10 @@ from .pretrained import PretrainedMixin
 
 class EncoderDecoderLM(PretrainedMixin, nn.Module):
     """``forward`` for training/scoring, ``encode``/``decode`` for the pieces,
-    ``generate`` (see :func:`fastencdec.generation.encoder_decoder.generate`)."""
+    ``generate`` (see :func:`fastencdec.generation.generate`)."""
 
     config_class = EncDecConfig
+    is_encoder_decoder = True
 
     def __init__(self, config: EncDecConfig):
         super().__init__()
@@ -43,11 +49,14 @@ class EncoderDecoderLM(PretrainedMixin, nn.Module):
             self.lm_head.weight = self.embed.weight
 
     # -- the paper's model ---------------------------------------------------------------
-    def encode(self, input_ids, attention_mask=None) -> torch.Tensor:
-        """Final encoder states ``[B, Lx, d]`` (after the encoder's final norm).
-        ``attention_mask``: True/1 = real token; None = no padding."""
-        ids = inputs.token_ids("input_ids", input_ids, self.config.vocab_size)
-        return self._encode(ids, inputs.attention_mask("attention_mask", attention_mask, ids))
+    def encode(self, input_ids=None, attention_mask=None, *, inputs_embeds=None) -> torch.Tensor:
+        """Final encoder states ``[B, Lx, d]`` (after the encoder's final norm), from
+        ``input_ids`` ``[B, Lx]`` or ``inputs_embeds`` ``[B, Lx, d_model]`` (e.g. image
+        tokens followed by text). ``attention_mask``: True/1 = real token; None = no
+        padding."""
+        x, mask = inputs.embedded("input_ids", input_ids, inputs_embeds, attention_mask,
+                                  self.embed)
+        return self._encode(x, mask)
 
     def decode(self, decoder_input_ids, encoder_states, attention_mask=None,
                decoder_attention_mask=None) -> torch.Tensor:
@@ -63,10 +72,12 @@ class EncoderDecoderLM(PretrainedMixin, nn.Module):
                 "attention_mask", attention_mask, encoder_states[..., 0])
         return self._decode(ids, encoder_states, attention_mask, dmask)
 
-    def _encode(self, ids, mask):
-        x = self.embed(ids)
+    def _encode(self, x, mask):
+        positions = None if mask is None else inputs.positions_from_mask(mask)
+        # dynamic NTK: the base at the padded length, like the reference model
+        rope_len = x.shape[1] if self.config.rope_scaling_factor > 1.0 else None
         for block in self.encoder:
-            x = block(x, key_padding_mask=mask)
+            x = block(x, key_padding_mask=mask, positions=positions, rope_len=rope_len)
         return self.encoder_norm(x)
 
     def _decode(self, ids, encoder_states, encoder_mask, decoder_mask):
@@ -75,25 +86,26 @@ class EncoderDecoderLM(PretrainedMixin, nn.Module):
             x = block(x, encoder_states, encoder_mask=encoder_mask, decoder_mask=decoder_mask)
         return self.decoder_norm(x)
 
-    def forward(self, input_ids, attention_mask=None, decoder_input_ids=None,
-                decoder_attention_mask=None, labels=None) -> LMOutput:
+    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None,
+                decoder_attention_mask=None, labels=None, *, inputs_embeds=None) -> LMOutput:
         """Logits ``[B, T, vocab]`` for the decoder positions; with ``labels`` ``[B, T]``
         (position ``t``'s target, -100 = ignore) also the mean CE. Without
         ``decoder_input_ids`` the decoder reads ``[BOS] + labels[:, :-1]``. Positions
-        where ``decoder_attention_mask`` is False never count in the loss."""
+        where ``decoder_attention_mask`` is False never count in the loss. The encoder
+        reads ``input_ids`` or ``inputs_embeds``."""
         vocab = self.config.vocab_size
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("forward needs decoder_input_ids or labels")
             decoder_input_ids = self.shift_right(inputs.labels("labels", labels, None, vocab))
-        ids = inputs.token_ids("input_ids", input_ids, vocab)
-        mask = inputs.attention_mask("attention_mask", attention_mask, ids)
+        x, mask = inputs.embedded("input_ids", input_ids, inputs_embeds, attention_mask,
+                                  self.embed)
         dec_ids = inputs.token_ids("decoder_input_ids", decoder_input_ids, vocab)
         dmask = inputs.attention_mask("decoder_attention_mask", decoder_attention_mask, dec_ids)
-        inputs.same_batch("decoder_input_ids", dec_ids, ids.shape[0])
+        inputs.same_batch("decoder_input_ids", dec_ids, x.shape[0])
         if labels is not None:
             labels = inputs.labels("labels", labels, dec_ids.shape, vocab)
-        hidden = self._decode(dec_ids, self._encode(ids, mask), mask, dmask)
+        hidden = self._decode(dec_ids, self._encode(x, mask), mask, dmask)
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
@@ -116,12 +128,13 @@ class EncoderDecoderLM(PretrainedMixin, nn.Module):
     def decode_step(self, tokens, cache, cross_kv, encoder_mask=None) -> torch.Tensor:
         """Feed ``tokens`` ``[R, T]`` (``R = n * B`` rows, row ``b * n + i`` reading input
         ``b``) through the decoder with the static self-attention ``cache``; returns the
-        last position's logits ``[R, vocab]``. ``cache.lens`` is advanced by the caller."""
+        last position's logits ``[R, vocab]``. Marks the step in the cache
+        (``begin_step``); ``cache.lens`` is advanced by the caller."""
+        cache.begin_step(tokens, self.config.pad_token_id)
         x = self.embed(tokens)
         for i, block in enumerate(self.decoder):
-            k_cache, v_cache = cache.layer(i)
             cross_k, cross_v = cross_kv[i]
-            x = block.step(x, k_cache, v_cache, cache.lens, cross_k, cross_v, encoder_mask)
+            x = block.step(x, cache, i, cross_k, cross_v, encoder_mask)
         return self.lm_head(self.decoder_norm(x[:, -1]))
 
-    generate = generate
+    generate = generation.generate

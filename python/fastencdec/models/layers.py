@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..spec import Rope
 from .config import _CommonConfig
 
 
@@ -90,48 +91,63 @@ class SelfAttention(_Attention):
     def __init__(self, config: _CommonConfig, causal: bool):
         super().__init__(config)
         self.causal = causal
-        self.rope = dict(
-            rope_theta=config.rope_theta,
-            rope_scaling_factor=config.rope_scaling_factor,
-            max_position_embeddings=config.max_position_embeddings,
-        )
+        self.rope = Rope(config.rope_theta, config.rope_scaling_factor,
+                         config.max_position_embeddings)
 
     def _qkv(self, x):
         return (self._heads(self.q_proj(x), self.n_heads),
                 self._heads(self.k_proj(x), self.n_kv_heads),
                 self._heads(self.v_proj(x), self.n_kv_heads))
 
-    def forward(self, x, key_padding_mask=None, positions=None) -> torch.Tensor:
-        """Full sequence ``x`` ``[B, L, d]``; ``positions`` int ``[B, L]`` or None (0..L-1)."""
+    def forward(self, x, key_padding_mask=None, positions=None, rope_len=None) -> torch.Tensor:
+        """Full sequence ``x`` ``[B, L, d]``; ``positions`` int ``[B, L]`` or None (0..L-1);
+        ``rope_len`` fixes the NTK length (default: ``max(positions) + 1``)."""
         q, k, v = self._qkv(x)
+        rope = self.rope if rope_len is None else self.rope.at_length(rope_len)
         o = ops.self_attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
-                               positions=positions, **self.rope)
+                               positions=positions, rope=rope)
         return self._out(o)
 
-    def prefill(self, x, key_padding_mask, k_cache, v_cache) -> torch.Tensor:
+    def prefill(self, x, key_padding_mask, cache, layer: int) -> torch.Tensor:
         """Causal attention over a prompt ``[B, L, d]`` at positions 0..L-1 (real tokens
-        first, padding after), writing the rotated keys and the values into cache rows
-        ``0..L-1``. The caches may hold ``n * B`` rows (``n`` return sequences per prompt,
-        row ``b * n + i``): the prompt's K/V are broadcast into each row's copy."""
+        first, padding after), writing the keys (rotated unless the cache rotates at
+        read time) and the values into cache rows ``0..L-1``. The cache may hold
+        ``n * B`` rows (``n`` return sequences per prompt, row ``b * n + i``): the
+        prompt's K/V are broadcast into each row's copy."""
         q, k, v = self._qkv(x)
         o = ops.self_attention(q, k, v, causal=True, key_padding_mask=key_padding_mask,
-                               positions=0, **self.rope)
-        k_rot = ops.apply_rope(k, 0, self.rope["rope_theta"], self.rope["rope_scaling_factor"],
-                               self.rope["max_position_embeddings"])
+                               positions=0, rope=self.rope)
+        if not cache.rotate_at_read:
+            k = ops.apply_rope(k, 0, rope=self.rope)
+        k_cache, v_cache = cache.layer(layer)
         batch, seq_len = x.shape[0], x.shape[1]
         per_prompt = k_cache.shape[0] // batch
         cache_shape = (batch, per_prompt) + tuple(k_cache.shape[1:])
-        k_cache.view(cache_shape)[:, :, :seq_len] = k_rot.unsqueeze(1).to(k_cache.dtype)
+        k_cache.view(cache_shape)[:, :, :seq_len] = k.unsqueeze(1).to(k_cache.dtype)
         v_cache.view(cache_shape)[:, :, :seq_len] = v.unsqueeze(1).to(v_cache.dtype)
         return self._out(o)
 
-    def step(self, x, k_cache, v_cache, cache_seqlens) -> torch.Tensor:
-        """``T`` new tokens ``[B, T, d]`` per row at positions ``cache_seqlens[b] + t``:
-        append their K/V to the static caches and attend over everything cached so far.
-        ``cache_seqlens`` is not advanced here (all layers share it)."""
+    def step(self, x, cache, layer: int) -> torch.Tensor:
+        """``T`` new tokens ``[B, T, d]`` per row at positions ``cache.lens[b] + t``:
+        append their K/V to the static caches and attend over everything cached so
+        far (``cache.begin_step`` has run; ``cache.lens`` is advanced by the caller)."""
         q, k, v = self._qkv(x)
-        q = ops.append_kv_cache(q, k, v, k_cache, v_cache, cache_seqlens, rope=True, **self.rope)
-        o = ops.decode_attention(q, k_cache, v_cache, cache_seqlens + x.shape[1])
+        k_cache, v_cache = cache.layer(layer)
+        if not cache.rotate_at_read:
+            q = ops.append_kv_cache(q, k, v, k_cache, v_cache, cache.lens, rope=self.rope)
+            o = ops.decode_attention(q, k_cache, v_cache, cache.lens_after,
+                                     key_padding_mask=cache.key_mask)
+            return self._out(o)
+        # Dynamic NTK past the trained length: every key turns with the base of the
+        # current total length, as in the reference model's full recomputation.
+        ops.append_kv_cache(q, k, v, k_cache, v_cache, cache.lens, rope=False)
+        total = cache.rope_len
+        rope = self.rope.at_length(total)
+        positions = cache.lens.long()[:, None] + torch.arange(x.shape[1], device=x.device)
+        q = ops.apply_rope(q, positions, rope=rope)
+        keys = ops.apply_rope(k_cache[:, :total], 0, rope=rope)
+        o = ops.decode_attention(q, keys, v_cache[:, :total], cache.lens_after,
+                                 key_padding_mask=cache.key_mask[:, :total])
         return self._out(o)
 
 
@@ -172,16 +188,16 @@ class Block(nn.Module):
         self.mlp = make_mlp(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, key_padding_mask=None, positions=None):
-        x = x + self.dropout(self.attn(self.norm1(x), key_padding_mask, positions))
+    def forward(self, x, key_padding_mask=None, positions=None, rope_len=None):
+        x = x + self.dropout(self.attn(self.norm1(x), key_padding_mask, positions, rope_len))
         return x + self.dropout(self.mlp(self.norm2(x)))
 
-    def prefill(self, x, key_padding_mask, k_cache, v_cache):
-        x = x + self.attn.prefill(self.norm1(x), key_padding_mask, k_cache, v_cache)
+    def prefill(self, x, key_padding_mask, cache, layer: int):
+        x = x + self.attn.prefill(self.norm1(x), key_padding_mask, cache, layer)
         return x + self.mlp(self.norm2(x))
 
-    def step(self, x, k_cache, v_cache, cache_seqlens):
-        x = x + self.attn.step(self.norm1(x), k_cache, v_cache, cache_seqlens)
+    def step(self, x, cache, layer: int):
+        x = x + self.attn.step(self.norm1(x), cache, layer)
         return x + self.mlp(self.norm2(x))
 
 
@@ -204,8 +220,8 @@ class DecoderBlock(nn.Module):
         x = x + self.dropout(self.cross_attn(self.norm2(x), k, v, encoder_mask))
         return x + self.dropout(self.mlp(self.norm3(x)))
 
-    def step(self, x, k_cache, v_cache, cache_seqlens, cross_k, cross_v, encoder_mask=None):
-        x = x + self.self_attn.step(self.norm1(x), k_cache, v_cache, cache_seqlens)
+    def step(self, x, cache, layer: int, cross_k, cross_v, encoder_mask=None):
+        x = x + self.self_attn.step(self.norm1(x), cache, layer)
         x = x + self.cross_attn(self.norm2(x), cross_k, cross_v, encoder_mask)
         return x + self.mlp(self.norm3(x))
 

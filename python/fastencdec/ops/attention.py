@@ -1,10 +1,30 @@
-"""Attention ops: validate inputs (DESIGN §2), then run the chosen backend."""
+"""Attention ops (DESIGN §3): check the inputs once, resolve defaults into the
+canonical arguments of ``ops/schema.py``, then run.
+
+Eager inference calls the backend chosen by ``dispatch`` directly (no per-call
+overhead beyond the checks); autograd and ``torch.compile``/``torch.export`` go
+through the custom ops ``fastencdec::*`` (``ops/library.py``), which run the same
+backends.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from . import dispatch, validate
+from ..spec import Rope, as_rope
+from . import dispatch, library, validate
+
+__all__ = ["self_attention", "cross_attention", "decode_attention", "append_kv_cache"]
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _run(op: str, args: tuple):
+    if torch.compiler.is_compiling():
+        return library.call(op, *args)
+    return dispatch.run(op, args[0].device.type, *args)
 
 
 def self_attention(
@@ -16,7 +36,7 @@ def self_attention(
     key_padding_mask: torch.Tensor | None = None,
     positions=None,
     rope_theta: float = 10000.0,
-    rope: bool = True,
+    rope: bool | Rope = True,
     scale: float | None = None,
     rope_scaling_factor: float = 1.0,
     max_position_embeddings: int | None = None,
@@ -27,24 +47,21 @@ def self_attention(
     (query head ``h`` reads K/V head ``h // (Hq // Hkv)``). ``causal``: query ``i``
     sees keys ``j <= i``. ``key_padding_mask``: bool ``[B, L]``, True = real token.
     ``positions``: int ``[B, L]`` or a start offset for RoPE (applied to q and k).
+    ``rope``: a :class:`fastencdec.Rope`, True (built from ``rope_theta``,
+    ``rope_scaling_factor``, ``max_position_embeddings``) or False (no RoPE).
     ``scale`` defaults to ``1/sqrt(D)``. A query with no visible key returns zeros.
     """
-    _, _, head_dim = validate.qkv(q, k, v, same_len=True)
+    head_dim = validate.qkv(q, k, v, same_len=True)
     batch, seq_len = q.shape[0], q.shape[1]
     validate.key_padding_mask(key_padding_mask, batch, seq_len, q.device)
-    validate.positions(positions, batch, seq_len, q.device)
-    validate.scale(scale)
-    if rope:
-        validate.rope_head_dim("q", head_dim)
-        validate.rope_scaling(rope_scaling_factor, max_position_embeddings)
-    return dispatch.call(
-        "self_attention", q, k, v,
-        causal=bool(causal), key_padding_mask=key_padding_mask, positions=positions,
-        rope_theta=rope_theta, rope=rope, scale=scale,
-        rope_scaling_factor=rope_scaling_factor, max_position_embeddings=max_position_embeddings,
-        device=q.device, needs_grad=dispatch.needs_grad(q, k, v),
-        fallback_reason=_float64_reason(q),
-    )
+    pos, offset = validate.positions(positions, batch, seq_len, q.device)
+    spec = as_rope(rope, rope_theta, rope_scaling_factor, max_position_embeddings)
+    validate.rope(spec, head_dim)
+    args = (q, k, v, key_padding_mask, pos, offset, bool(causal),
+            validate.scale(scale, head_dim), spec)
+    if _needs_grad(q, k, v):
+        return library.call("self_attention_with_lse", *args)[0]
+    return _run("self_attention", args)
 
 
 def cross_attention(
@@ -57,14 +74,12 @@ def cross_attention(
 ) -> torch.Tensor:
     """Decoder queries ``[B, Lq, Hq, D]`` against static encoder K/V ``[B, Lk, Hkv, D]``
     (no RoPE, ``Lq`` and ``Lk`` independent), optional encoder mask ``[B, Lk]``. Autograd."""
-    validate.qkv(q, k, v, same_len=False)
+    head_dim = validate.qkv(q, k, v, same_len=False)
     validate.key_padding_mask(key_padding_mask, q.shape[0], k.shape[1], q.device)
-    validate.scale(scale)
-    return dispatch.call(
-        "cross_attention", q, k, v, key_padding_mask=key_padding_mask, scale=scale,
-        device=q.device, needs_grad=dispatch.needs_grad(q, k, v),
-        fallback_reason=_float64_reason(q),
-    )
+    args = (q, k, v, key_padding_mask, validate.scale(scale, head_dim))
+    if _needs_grad(q, k, v):
+        return library.call("cross_attention_with_lse", *args)[0]
+    return _run("cross_attention", args)
 
 
 def decode_attention(
@@ -73,23 +88,27 @@ def decode_attention(
     v_cache: torch.Tensor,
     cache_seqlens: torch.Tensor,
     *,
+    key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
     """``T`` new queries ``[B, T, Hq, D]`` against a preallocated cache ``[B, Lmax, Hkv, D]``.
 
     ``cache_seqlens`` (int ``[B]``) counts each row's valid cache entries, the ``T``
-    new ones included; query ``t`` sees keys ``j <= cache_seqlens[b] - T + t``.
+    new ones included; query ``t`` sees keys ``j <= cache_seqlens[b] - T + t``, and
+    with ``key_padding_mask`` (bool ``[B, Lmax]``) only the keys marked True.
+    Inference only (no autograd).
     """
-    validate.qkv(q, k_cache, v_cache, k_name="k_cache", v_name="v_cache", same_len=False)
-    validate.cache_seqlens(
-        cache_seqlens, q.shape[0], k_cache.shape[1], q.shape[1], q.device,
-        check_values=validate.can_read_values(cache_seqlens),
-    )
-    validate.scale(scale)
-    return dispatch.call(
-        "decode_attention", q, k_cache, v_cache, cache_seqlens, scale=scale,
-        device=q.device, needs_grad=False, fallback_reason=_float64_reason(q),
-    )
+    head_dim = validate.qkv(q, k_cache, v_cache, k_name="k_cache", v_name="v_cache",
+                            same_len=False)
+    validate.cache_seqlens(cache_seqlens, q.shape[0], q.device)
+    if key_padding_mask is not None:
+        validate.key_padding_mask(key_padding_mask, q.shape[0], k_cache.shape[1], q.device)
+    if _needs_grad(q, k_cache, v_cache):
+        raise RuntimeError("decode_attention is inference-only (no gradient); run it under "
+                           "torch.no_grad() or use self_attention for training")
+    args = (q, k_cache, v_cache, cache_seqlens, key_padding_mask,
+            validate.scale(scale, head_dim))
+    return _run("decode_attention", args)
 
 
 def append_kv_cache(
@@ -100,47 +119,26 @@ def append_kv_cache(
     v_cache: torch.Tensor,
     cache_seqlens: torch.Tensor,
     *,
-    rope: bool = True,
+    rope: bool | Rope = True,
     rope_theta: float = 10000.0,
     rope_scaling_factor: float = 1.0,
     max_position_embeddings: int | None = None,
 ) -> torch.Tensor:
     """Rotate new ``q`` ``[B, T, Hq, D]`` and ``k`` ``[B, T, Hkv, D]`` at positions
     ``cache_seqlens[b] + t``, write ``k`` and ``v`` into the caches ``[B, Lmax, Hkv, D]``
-    in place, return the rotated ``q``. The caller advances ``cache_seqlens`` by ``T``."""
-    validate.qkv(q, k, v, same_len=True)
-    validate.tensor("k_cache", k_cache, ndim=4, layout="[batch, max_len, n_kv_heads, head_dim]")
-    validate.tensor("v_cache", v_cache, ndim=4, layout="[batch, max_len, n_kv_heads, head_dim]")
-    validate.same_device(q=q, k_cache=k_cache, v_cache=v_cache)
-    validate.same_dtype(q=q, k_cache=k_cache, v_cache=v_cache)
+    in place, return the rotated ``q`` (a new tensor). The caller advances
+    ``cache_seqlens`` by ``T``. ``rope`` as in :func:`self_attention`; the NTK length
+    is ``max(cache_seqlens) + T`` unless the ``Rope`` fixes it."""
+    head_dim = validate.qkv(q, k, v, same_len=True)
+    batch, n_kv = q.shape[0], k.shape[2]
+    validate.cache("k_cache", k_cache, batch, n_kv, head_dim, q.dtype, q.device, written=True)
+    validate.cache("v_cache", v_cache, batch, n_kv, head_dim, q.dtype, q.device, written=True)
     if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} differ")
-    batch, t_new, _, head_dim = q.shape
-    if (k_cache.shape[0], k_cache.shape[2], k_cache.shape[3]) != (batch, k.shape[2], head_dim):
-        raise ValueError(
-            f"k_cache must have shape [{batch}, max_len, {k.shape[2]}, {head_dim}], "
-            f"got {list(k_cache.shape)}"
-        )
-    lmax = k_cache.shape[1]
-    validate.cache_seqlens(
-        cache_seqlens, batch, lmax, t_new, q.device,
-        check_values=validate.can_read_values(cache_seqlens),
-    )
-    if validate.can_read_values(cache_seqlens) and cache_seqlens.numel():
-        if int(cache_seqlens.max()) + t_new > lmax:
-            raise ValueError(
-                f"cache_seqlens + {t_new} new tokens exceeds the cache length {lmax}"
-            )
-    if rope:
-        validate.rope_head_dim("q", head_dim)
-        validate.rope_scaling(rope_scaling_factor, max_position_embeddings)
-    return dispatch.call(
-        "append_kv_cache", q, k, v, k_cache, v_cache, cache_seqlens,
-        rope=rope, rope_theta=rope_theta, rope_scaling_factor=rope_scaling_factor,
-        max_position_embeddings=max_position_embeddings,
-        device=q.device, needs_grad=False, fallback_reason=_float64_reason(q),
-    )
-
-
-def _float64_reason(t: torch.Tensor) -> str | None:
-    return "float64 inputs have no kernel" if t.dtype == torch.float64 else None
+        raise ValueError(f"k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} "
+                         "must have the same shape")
+    if k_cache is v_cache:
+        raise ValueError("k_cache and v_cache must be different tensors")
+    validate.cache_seqlens(cache_seqlens, batch, q.device)
+    spec = as_rope(rope, rope_theta, rope_scaling_factor, max_position_embeddings)
+    validate.rope(spec, head_dim)
+    return _run("append_kv_cache", (q, k, v, k_cache, v_cache, cache_seqlens, spec))

@@ -3,14 +3,16 @@
 Rules (DESIGN §3):
 - ``FASTENCDEC_BACKEND=reference|triton|cpp`` forces a backend for every op.
 - Otherwise CUDA tensors go to Triton and CPU tensors to the C++ kernels.
-- The C++ kernels are inference-only: when autograd needs gradients the op runs
-  the reference on the CPU.
-- An op with no kernel for the chosen backend, an input the kernel does not
-  support (``fallback_reason``), or a backend that cannot load, runs the
-  reference; this is said once per (op, reason) with a warning.
+- A backend that cannot run here, or has no kernel for an op, runs the reference
+  (said once with a warning, except for the CPU training ops: the C++ kernels are
+  inference-only by design). A kernel may also refuse particular inputs through its
+  ``unsupported(*args) -> reason | None`` hook (e.g. float64, an odd head size): those
+  run the reference, said once per (op, reason). That is the only fallback mechanism.
 
-Kernels register here as ``"module:function"`` strings, imported on first use so
-that importing fastencdec never requires Triton or the compiled module.
+Each (op, backend, device type) is resolved once and cached; a call then costs a
+dict lookup, the environment read and the kernel's ``unsupported`` hook. Backends
+live in ``ops/backends/`` and are imported on first use, so importing fastencdec
+never needs Triton or the compiled module.
 """
 
 from __future__ import annotations
@@ -18,65 +20,48 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
 
 import torch
 
 BACKENDS = ("reference", "triton", "cpp")
 ENV_VAR = "FASTENCDEC_BACKEND"
+DEFAULT_BACKEND = {"cuda": "triton", "cpu": "cpp"}
 
-# op name -> backend -> "module:function" of the kernel entry point.
-KERNELS: dict[str, dict[str, str]] = {
-    "apply_rope": {"cpp": "fastencdec.ops.cpp_rope:apply_rope"},
-    "self_attention": {
-        "triton": "fastencdec.ops.triton_attention:self_attention",
-        "cpp": "fastencdec.ops.cpp_attention:self_attention"},
-    "cross_attention": {
-        "triton": "fastencdec.ops.triton_attention:cross_attention",
-        "cpp": "fastencdec.ops.cpp_attention:cross_attention"},
-    "decode_attention": {
-        "triton": "fastencdec.ops.triton_decode:decode_attention",
-        "cpp": "fastencdec.ops.cpp_attention:decode_attention"},
-    "append_kv_cache": {
-        "triton": "fastencdec.ops.triton_decode:append_kv_cache",
-        "cpp": "fastencdec.ops.cpp_attention:append_kv_cache"},
-    "distill_loss": {"triton": "fastencdec.ops.triton_distill:distill_loss"},
-    "distill_loss_from_logits": {
-        "triton": "fastencdec.ops.triton_distill:distill_loss_from_logits"},
-    "distill_loss_from_teacher_hidden": {
-        "triton": "fastencdec.ops.triton_distill:distill_loss_from_teacher_hidden"},
-}
+# Ops a backend may lack without a warning under the automatic choice: the C++
+# kernels serve inference, training on the CPU runs the reference by design.
+TRAINING_OPS = ("self_attention_with_lse", "cross_attention_with_lse", "attention_backward")
 
-REFERENCE = {
-    "apply_rope": "fastencdec.reference.rope:apply_rope",
-    "self_attention": "fastencdec.reference.attention:self_attention",
-    "cross_attention": "fastencdec.reference.attention:cross_attention",
-    "decode_attention": "fastencdec.reference.attention:decode_attention",
-    "append_kv_cache": "fastencdec.reference.attention:append_kv_cache",
-    "distill_loss": "fastencdec.reference.distill:distill_loss",
-    "distill_loss_from_logits": "fastencdec.reference.distill:distill_loss_from_logits",
-    "distill_loss_from_teacher_hidden":
-        "fastencdec.reference.distill:distill_loss_from_teacher_hidden",
-}
 
-# Backends that can compute gradients (the C++ kernels are forward-only).
-AUTOGRAD_BACKENDS = ("reference", "triton")
+@dataclass(frozen=True)
+class Kernel:
+    """One backend's implementation of one op, in the op's canonical signature
+    (``ops/schema.py``); ``unsupported`` names inputs it cannot take, or is None."""
+
+    fn: Callable
+    unsupported: Callable | None = None
+
 
 _warned: set[tuple[str, str]] = set()
-
-
-def _load(target: str):
-    module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
+_resolved: dict[tuple[str, str | None, str], tuple[str, Kernel]] = {}
 
 
 def forced_backend() -> str | None:
-    value = os.environ.get(ENV_VAR, "").strip().lower()
+    value = os.environ.get(ENV_VAR)
     if not value:
         return None
+    value = value.strip().lower()
     if value not in BACKENDS:
         raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {value!r}")
     return value
+
+
+@cache
+def kernels(backend: str) -> dict[str, Kernel]:
+    """The ``KERNELS`` table of a backend module (imported once)."""
+    return importlib.import_module(f"fastencdec.ops.backends.{backend}").KERNELS
 
 
 @cache
@@ -113,74 +98,56 @@ def warn_once(op: str, reason: str) -> None:
     if key not in _warned:
         _warned.add(key)
         warnings.warn(f"fastencdec.ops.{op}: {reason}; using the reference implementation",
-                      stacklevel=3)
+                      stacklevel=4)
 
 
-def choose_backend(op: str, device: torch.device, needs_grad: bool = False) -> str:
-    """Name the backend that would run ``op`` for inputs on ``device`` (no warnings)."""
-    backend = forced_backend()
-    if backend is None:
-        backend = "triton" if device.type == "cuda" else "cpp"
-    if backend == "reference":
-        return backend
-    if needs_grad and backend not in AUTOGRAD_BACKENDS:
-        return "reference"
-    if backend not in KERNELS[op] or not backend_usable(backend, device.type):
-        return "reference"
-    return backend
+def _resolve_backend(op: str, forced: str | None, device_type: str) -> tuple[str, Kernel]:
+    wanted = forced or DEFAULT_BACKEND.get(device_type, "reference")
+    if wanted != "reference":
+        if not backend_usable(wanted, device_type):
+            warn_once(op, f"the {wanted} backend cannot run on {device_type}")
+        elif op in kernels(wanted):
+            return wanted, kernels(wanted)[op]
+        elif forced or op not in TRAINING_OPS:
+            warn_once(op, f"no {wanted} kernel")
+    return "reference", kernels("reference")[op]
 
 
-def _explain_fallback(op: str, wanted: str, device: torch.device, needs_grad: bool) -> str | None:
-    if needs_grad and wanted not in AUTOGRAD_BACKENDS:
-        return None  # the C++ kernels are inference-only by design: not worth a warning
-    if wanted not in KERNELS[op]:
-        return f"no {wanted} kernel yet" if forced_backend() == wanted else None
-    if not backend_usable(wanted, device.type):
-        return f"the {wanted} backend cannot run on {device.type}"
-    return None
-
-
-def get_impl(op: str, device: torch.device, needs_grad: bool = False, fallback_reason=None):
-    """Return the callable that implements ``op`` for these inputs.
-
-    ``fallback_reason``: the caller's reason why a kernel cannot take these
-    particular inputs (e.g. float64), or None.
-    """
-    backend = choose_backend(op, device, needs_grad)
-    if backend != "reference" and fallback_reason:
-        warn_once(op, fallback_reason)
-        backend = "reference"
-    if backend == "reference":
-        wanted = forced_backend() or ("triton" if device.type == "cuda" else "cpp")
-        if wanted != "reference":
-            reason = _explain_fallback(op, wanted, device, needs_grad)
-            if reason:
-                warn_once(op, reason)
-        return _load(REFERENCE[op])
-    return _load(KERNELS[op][backend])
-
-
-def call(op: str, *args, device: torch.device, needs_grad: bool, fallback_reason=None, **kwargs):
-    """Run ``op`` on the chosen backend. A kernel entry point may carry an
-    ``unsupported(*args, **kwargs) -> str | None`` hook naming inputs it cannot
-    take; those run the reference (with a one-time warning)."""
-    impl = get_impl(op, device, needs_grad, fallback_reason)
-    hook = getattr(impl, "unsupported", None)
-    if hook is not None:
-        reason = hook(*args, **kwargs)
+def resolve(op: str, device_type: str, args: tuple | None = None) -> tuple[str, Kernel]:
+    """``(backend name, kernel)`` that runs ``op`` for inputs on ``device_type``;
+    with ``args`` (canonical) the kernel's ``unsupported`` hook is consulted too."""
+    forced = forced_backend()
+    key = (op, forced, device_type)
+    found = _resolved.get(key)
+    if found is None:
+        found = _resolved[key] = _resolve_backend(op, forced, device_type)
+    if args is not None and found[1].unsupported is not None:
+        reason = found[1].unsupported(*args)
         if reason:
             warn_once(op, reason)
-            impl = _load(REFERENCE[op])
-    return impl(*args, **kwargs)
+            return "reference", kernels("reference")[op]
+    return found
 
 
-def needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in tensors
-    )
+def run(op: str, device_type: str, *args):
+    """Run ``op`` (canonical arguments, see ``ops/schema.py``) on the chosen backend."""
+    return resolve(op, device_type, args)[1].fn(*args)
+
+
+def choose_backend(op: str, device: torch.device | str) -> str:
+    """Name the backend that would run ``op`` for usual inputs on ``device``."""
+    return resolve(op, torch.device(device).type)[0]
 
 
 def summary(device: str = "cpu") -> dict[str, str]:
-    """Backend each op would use for inference inputs on ``device`` (for ``fastencdec info``)."""
-    dev = torch.device(device)
-    return {op: choose_backend(op, dev) for op in KERNELS}
+    """Backend each public op would use for inference inputs on ``device``."""
+    public = ("apply_rope", "self_attention", "cross_attention", "decode_attention",
+              "append_kv_cache", "distill_loss", "distill_loss_from_logits",
+              "distill_loss_from_teacher_hidden")
+    return {op: choose_backend(op, device) for op in public}
+
+
+def clear_cache() -> None:
+    """Forget resolved backends and said warnings (after changing what is installed)."""
+    _resolved.clear()
+    _warned.clear()

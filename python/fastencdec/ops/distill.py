@@ -1,11 +1,16 @@
-"""Distillation loss ops (DESIGN §4): validate, then run the chosen backend."""
+"""Distillation loss ops (DESIGN §4): check once, then run the chosen backend.
+
+All three return the mean loss over the real rows (``labels != ignore_index``); the
+gradients are computed in the forward pass (no ``[N, V]`` logits are kept for the
+backward) and scaled by the incoming gradient in the backward.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from ..reference.distill import DIVERGENCES
-from . import dispatch, validate
+from ..constants import DIVERGENCES, IGNORE_INDEX
+from . import dispatch, library, validate
 
 
 def _check_common(labels, n_rows, device, alpha, temperature, divergence, ignore_index):
@@ -14,25 +19,28 @@ def _check_common(labels, n_rows, device, alpha, temperature, divergence, ignore
         raise ValueError(f"labels must have shape [{n_rows}], got {list(labels.shape)}")
     if labels.device != device:
         raise ValueError(f"labels is on {labels.device}, expected {device}")
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-    if not float(temperature) > 0.0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) \
+            or not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    validate.temperature(temperature)
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
 
 
-def _check_labels_range(labels, vocab, ignore_index):
-    if not validate.can_read_values(labels):
-        return
-    real = labels[labels != ignore_index]
-    if real.numel() and (int(real.min()) < 0 or int(real.max()) >= vocab):
-        raise ValueError(
-            f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}, "
-            f"got values in [{int(real.min())}, {int(real.max())}]"
-        )
+def _chunk(chunk_size) -> int:
+    return validate.positive_int_or_none("chunk_size", chunk_size) or 0
+
+
+def _wants(t: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and t.requires_grad
+
+
+def _run(op: str, args: tuple, differentiable: bool) -> torch.Tensor:
+    if differentiable or torch.compiler.is_compiling():
+        return library.call(op, *args)[0]
+    return dispatch.run(op, args[0].device.type, *args)[0]
 
 
 def distill_loss(
@@ -44,7 +52,7 @@ def distill_loss(
     alpha: float = 0.5,
     temperature: float = 1.0,
     divergence: str = "reverse_kl",
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """``alpha * tau^2 * KL + (1 - alpha) * CE`` with the student's LM head fused in.
@@ -66,18 +74,12 @@ def distill_loss(
     validate.nonempty("teacher_logits", teacher_logits, (1,), "vocabulary")
     _check_common(labels, n_rows, student_hidden.device, alpha, temperature, divergence,
                   ignore_index)
-    _check_labels_range(labels, lm_head_weight.shape[0], ignore_index)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
-    return dispatch.call(
-        "distill_loss", student_hidden, lm_head_weight, teacher_logits, labels,
-        alpha=alpha, temperature=temperature, divergence=divergence,
-        ignore_index=ignore_index, chunk_size=chunk_size,
-        device=student_hidden.device,
-        needs_grad=dispatch.needs_grad(student_hidden, lm_head_weight),
-        fallback_reason=("float64 inputs have no kernel"
-                         if student_hidden.dtype == torch.float64 else None),
-    )
+    validate.labels_values(labels, lm_head_weight.shape[0], ignore_index)
+    want_h, want_w = _wants(student_hidden), _wants(lm_head_weight)
+    args = (student_hidden, lm_head_weight, teacher_logits, labels, float(alpha),
+            float(temperature), divergence == "reverse_kl", ignore_index, _chunk(chunk_size),
+            want_h, want_w)
+    return _run("distill_loss", args, want_h or want_w)
 
 
 def distill_loss_from_logits(
@@ -88,7 +90,7 @@ def distill_loss_from_logits(
     alpha: float = 0.5,
     temperature: float = 1.0,
     divergence: str = "reverse_kl",
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     """The same loss for callers that already hold student logits ``[N, V_s]``."""
     validate.tensor("student_logits", student_logits, ndim=2, layout="[N, vocab]")
@@ -100,14 +102,11 @@ def distill_loss_from_logits(
     validate.nonempty("teacher_logits", teacher_logits, (1,), "vocabulary")
     _check_common(labels, n_rows, student_logits.device, alpha, temperature, divergence,
                   ignore_index)
-    _check_labels_range(labels, student_logits.shape[1], ignore_index)
-    return dispatch.call(
-        "distill_loss_from_logits", student_logits, teacher_logits, labels,
-        alpha=alpha, temperature=temperature, divergence=divergence, ignore_index=ignore_index,
-        device=student_logits.device, needs_grad=dispatch.needs_grad(student_logits),
-        fallback_reason=("float64 inputs have no kernel"
-                         if student_logits.dtype == torch.float64 else None),
-    )
+    validate.labels_values(labels, student_logits.shape[1], ignore_index)
+    want = _wants(student_logits)
+    args = (student_logits, teacher_logits, labels, float(alpha), float(temperature),
+            divergence == "reverse_kl", ignore_index, want)
+    return _run("distill_loss_from_logits", args, want)
 
 
 def distill_loss_from_teacher_hidden(
@@ -120,7 +119,7 @@ def distill_loss_from_teacher_hidden(
     alpha: float = 0.5,
     temperature: float = 1.0,
     divergence: str = "reverse_kl",
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """:func:`distill_loss` with the teacher's LM head fused in too: the teacher logits
@@ -144,16 +143,9 @@ def distill_loss_from_teacher_hidden(
     validate.nonempty("teacher_head_weight", teacher_head_weight, (0,), "vocabulary")
     _check_common(labels, n_rows, student_hidden.device, alpha, temperature, divergence,
                   ignore_index)
-    _check_labels_range(labels, lm_head_weight.shape[0], ignore_index)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
-    has_f64 = torch.float64 in (student_hidden.dtype, teacher_hidden.dtype)
-    return dispatch.call(
-        "distill_loss_from_teacher_hidden", student_hidden, lm_head_weight, teacher_hidden,
-        teacher_head_weight, labels,
-        alpha=alpha, temperature=temperature, divergence=divergence,
-        ignore_index=ignore_index, chunk_size=chunk_size,
-        device=student_hidden.device,
-        needs_grad=dispatch.needs_grad(student_hidden, lm_head_weight),
-        fallback_reason="float64 inputs have no kernel" if has_f64 else None,
-    )
+    validate.labels_values(labels, lm_head_weight.shape[0], ignore_index)
+    want_h, want_w = _wants(student_hidden), _wants(lm_head_weight)
+    args = (student_hidden, lm_head_weight, teacher_hidden, teacher_head_weight, labels,
+            float(alpha), float(temperature), divergence == "reverse_kl", ignore_index,
+            _chunk(chunk_size), want_h, want_w)
+    return _run("distill_loss_from_teacher_hidden", args, want_h or want_w)

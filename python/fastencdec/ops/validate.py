@@ -1,15 +1,27 @@
-"""Input checks shared by every op (DESIGN §2), run before any kernel launches.
+"""Input checks for every op (DESIGN §2), run once before any backend: every backend
+sees the same accepted inputs, so the same call is refused or accepted everywhere.
 
 Each check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError``
-(wrong shape, value or device) naming the argument and what was expected.
+(wrong shape, value or device) naming the argument and what was expected. Checks
+read shapes, dtypes, strides and devices only, never tensor *values* (that would
+stall a GPU): value checks (cache lengths, labels) run where reading values is free —
+in the C++ kernels, in the CPU adapters of the reference and Triton backends — and
+on CUDA only with ``FASTENCDEC_CHECKS=1``; the GPU kernels clamp what they read.
 """
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
+
+from ..spec import Rope
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
+DEVICE_TYPES = ("cpu", "cuda")
+CHECKS_ENV_VAR = "FASTENCDEC_CHECKS"
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -24,7 +36,7 @@ def tensor(name: str, t, *, ndim: int, layout: str, dtypes=FLOAT_DTYPES) -> torc
     if t.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} must have dtype in ({names}), got {t.dtype}")
-    if t.device.type not in ("cpu", "cuda"):
+    if t.device.type not in DEVICE_TYPES:
         raise ValueError(f"{name} must be on a CPU or CUDA device, got {t.device}")
     return t
 
@@ -34,10 +46,8 @@ def same_device(**tensors) -> None:
     first_name, first = items[0]
     for name, t in items[1:]:
         if t.device != first.device:
-            raise ValueError(
-                f"{name} is on {t.device} but {first_name} is on {first.device}; "
-                "all inputs must be on one device"
-            )
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                             "all inputs must be on one device")
 
 
 def same_dtype(**tensors) -> None:
@@ -50,9 +60,8 @@ def same_dtype(**tensors) -> None:
 
 def dim_equals(name: str, t: torch.Tensor, dim: int, expected: int, what: str) -> None:
     if t.shape[dim] != expected:
-        raise ValueError(
-            f"{name} has {what} = {t.shape[dim]} (shape {_shape(t)}), expected {expected}"
-        )
+        raise ValueError(f"{name} has {what} = {t.shape[dim]} (shape {_shape(t)}), "
+                         f"expected {expected}")
 
 
 def nonempty(name: str, t: torch.Tensor, dims, what: str) -> None:
@@ -61,39 +70,40 @@ def nonempty(name: str, t: torch.Tensor, dims, what: str) -> None:
             raise ValueError(f"{name} has an empty {what} (shape {_shape(t)}); sizes must be >= 1")
 
 
-def qkv(q, k, v, *, q_name="q", k_name="k", v_name="v", same_len: bool) -> tuple[int, int, int]:
-    """Check ``q [B, Lq, Hq, D]``, ``k``/``v`` ``[B, Lk, Hkv, D]``; return (Hq, Hkv, D)."""
-    layout_q = "[batch, seq, n_heads, head_dim]"
-    layout_kv = "[batch, seq, n_kv_heads, head_dim]"
-    tensor(q_name, q, ndim=4, layout=layout_q)
-    tensor(k_name, k, ndim=4, layout=layout_kv)
-    tensor(v_name, v, ndim=4, layout=layout_kv)
-    same_device(**{q_name: q, k_name: k, v_name: v})
-    same_dtype(**{q_name: q, k_name: k, v_name: v})
-    nonempty(q_name, q, (0, 1, 2, 3), "dimension")
-    nonempty(k_name, k, (1, 2), "dimension")
+def qkv(q, k, v, *, k_name="k", v_name="v", same_len: bool) -> int:
+    """Check ``q [B, Lq, Hq, D]``, ``k``/``v`` ``[B, Lk, Hkv, D]``; returns ``D``."""
+    tensor("q", q, ndim=4, layout="[batch, seq, n_heads, head_dim]")
+    tensor(k_name, k, ndim=4, layout="[batch, seq, n_kv_heads, head_dim]")
+    tensor(v_name, v, ndim=4, layout="[batch, seq, n_kv_heads, head_dim]")
+    if not (q.device == k.device == v.device):
+        same_device(q=q, **{k_name: k, v_name: v})
+    if not (q.dtype == k.dtype == v.dtype):
+        same_dtype(q=q, **{k_name: k, v_name: v})
+    if 0 in q.shape:
+        nonempty("q", q, (0, 1, 2, 3), "dimension")
+    if k.shape[1] == 0 or k.shape[2] == 0:
+        nonempty(k_name, k, (1, 2), "dimension")
     if k.shape != v.shape:
         raise ValueError(f"{k_name} {_shape(k)} and {v_name} {_shape(v)} must have the same shape")
-    dim_equals(k_name, k, 0, q.shape[0], "batch")
-    dim_equals(k_name, k, 3, q.shape[3], "head_dim")
-    if same_len:
+    if k.shape[0] != q.shape[0]:
+        dim_equals(k_name, k, 0, q.shape[0], "batch")
+    if k.shape[3] != q.shape[3]:
+        dim_equals(k_name, k, 3, q.shape[3], "head_dim")
+    if same_len and k.shape[1] != q.shape[1]:
         dim_equals(k_name, k, 1, q.shape[1], "seq length (self-attention)")
-    n_heads, n_kv = q.shape[2], k.shape[2]
-    if n_heads % n_kv != 0:
+    if q.shape[2] % k.shape[2]:
         raise ValueError(
-            f"{q_name} has {n_heads} heads and {k_name} has {n_kv}: n_heads must be a multiple "
-            "of n_kv_heads (grouped-query attention)"
-        )
-    return n_heads, n_kv, q.shape[3]
+            f"q has {q.shape[2]} heads and {k_name} has {k.shape[2]}: n_heads must be a "
+            "multiple of n_kv_heads (grouped-query attention)")
+    return q.shape[3]
 
 
 def key_padding_mask(mask, batch: int, seq_len: int, device, name="key_padding_mask") -> None:
     if mask is None:
         return
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(
-            f"{name} must be a bool torch.Tensor [batch, seq], got {type(mask).__name__}"
-        )
+        raise TypeError(f"{name} must be a bool torch.Tensor [batch, seq], "
+                        f"got {type(mask).__name__}")
     if mask.dtype != torch.bool:
         raise TypeError(f"{name} must have dtype torch.bool (True = real token), got {mask.dtype}")
     if tuple(mask.shape) != (batch, seq_len):
@@ -102,66 +112,141 @@ def key_padding_mask(mask, batch: int, seq_len: int, device, name="key_padding_m
         raise ValueError(f"{name} is on {mask.device}, expected {device}")
 
 
-def positions(pos, batch: int, seq_len: int, device, name="positions") -> None:
+def positions(pos, batch: int, seq_len: int, device, name="positions"):
+    """``None``, an int offset >= 0, a 0-d integer tensor (read as an offset) or an
+    integer tensor ``[batch, seq]``. Returns ``(tensor or None, offset)``."""
     if pos is None:
-        return
+        return None, 0
     if isinstance(pos, bool):
         raise TypeError(f"{name} must be an int offset or an integer tensor [batch, seq], got bool")
     if isinstance(pos, int):
         if pos < 0:
             raise ValueError(f"{name} offset must be >= 0, got {pos}")
-        return
+        return None, pos
     if not isinstance(pos, torch.Tensor):
-        raise TypeError(
-            f"{name} must be an int offset or an integer tensor [batch, seq], "
-            f"got {type(pos).__name__}"
-        )
+        raise TypeError(f"{name} must be an int offset or an integer tensor [batch, seq], "
+                        f"got {type(pos).__name__}")
     if pos.dtype not in INDEX_DTYPES:
         raise TypeError(f"{name} must have dtype int32 or int64, got {pos.dtype}")
+    if pos.device.type not in DEVICE_TYPES:
+        raise ValueError(f"{name} must be on a CPU or CUDA device, got {pos.device}")
     if pos.dim() == 0:
-        return
+        return positions(int(pos), batch, seq_len, device, name)
     if tuple(pos.shape) != (batch, seq_len):
-        raise ValueError(
-            f"{name} must be a scalar or have shape [{batch}, {seq_len}], got {_shape(pos)}"
-        )
+        raise ValueError(f"{name} must be a scalar or have shape [{batch}, {seq_len}], "
+                         f"got {_shape(pos)}")
     if pos.device != device:
         raise ValueError(f"{name} is on {pos.device}, expected {device}")
+    return pos, 0
 
 
-def rope_head_dim(name: str, head_dim: int) -> None:
+def rope(spec: Rope | None, head_dim: int, name: str = "q") -> None:
+    if spec is None:
+        return
     if head_dim % 2:
         raise ValueError(f"{name} head_dim must be even for RoPE (rotate-half), got {head_dim}")
+    if spec.dynamic and head_dim <= 2:
+        raise ValueError(f"dynamic NTK RoPE scaling needs head_dim > 2, got {head_dim}")
 
 
-def rope_scaling(scaling_factor: float, max_position_embeddings) -> None:
-    if scaling_factor < 1.0:
-        raise ValueError(f"rope_scaling_factor must be >= 1, got {scaling_factor}")
-    if scaling_factor > 1.0 and max_position_embeddings is None:
-        raise ValueError("rope_scaling_factor > 1 needs max_position_embeddings")
-
-
-def scale(value) -> None:
+def scale(value, head_dim: int) -> float:
+    """The softmax scale: ``1/sqrt(head_dim)`` for None, else a finite real number."""
     if value is None:
-        return
+        return 1.0 / math.sqrt(head_dim)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"scale must be finite, got {value}")
+    return float(value)
 
 
-def cache_seqlens(lens, batch: int, lmax: int, t_new: int, device, *, check_values: bool) -> None:
-    tensor("cache_seqlens", lens, ndim=1, layout="[batch]", dtypes=INDEX_DTYPES)
+def cache_seqlens(lens, batch: int, device) -> None:
+    """Shape, dtype and device of ``cache_seqlens`` ``[batch]`` (values: see module doc)."""
+    if not isinstance(lens, torch.Tensor) or lens.dim() != 1 or lens.dtype not in INDEX_DTYPES:
+        tensor("cache_seqlens", lens, ndim=1, layout="[batch]", dtypes=INDEX_DTYPES)
     if lens.shape[0] != batch:
         raise ValueError(f"cache_seqlens must have shape [{batch}], got {_shape(lens)}")
     if lens.device != device:
         raise ValueError(f"cache_seqlens is on {lens.device}, expected {device}")
-    # Reading values syncs with the device: skipped while a CUDA graph is captured.
-    if check_values and lens.numel():
-        lo, hi = int(lens.min()), int(lens.max())
-        if lo < 0 or hi > lmax:
-            raise ValueError(
-                f"cache_seqlens values must lie in [0, {lmax}] (cache length), got [{lo}, {hi}]"
-            )
 
 
-def can_read_values(t: torch.Tensor) -> bool:
-    """False while a CUDA graph is being captured (reading would sync)."""
-    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+def cache(name: str, c, batch: int, n_kv: int, head_dim: int, dtype, device, *,
+          written: bool) -> int:
+    """A KV cache ``[batch, max_len, n_kv_heads, head_dim]``; returns ``max_len``.
+    A cache written in place must not alias itself (e.g. an ``expand``-ed tensor)."""
+    if not isinstance(c, torch.Tensor) or c.dim() != 4:
+        tensor(name, c, ndim=4, layout="[batch, max_len, n_kv_heads, head_dim]")
+    if c.shape[0] != batch or c.shape[2] != n_kv or c.shape[3] != head_dim:
+        raise ValueError(f"{name} must have shape [{batch}, max_len, {n_kv}, {head_dim}], "
+                         f"got {_shape(c)}")
+    if c.dtype != dtype:
+        raise TypeError(f"{name} has dtype {c.dtype} but q has {dtype}")
+    if c.device != device:
+        raise ValueError(f"{name} is on {c.device} but q is on {device}")
+    if c.shape[1] == 0:
+        raise ValueError(f"{name} has max_len 0 (shape {_shape(c)}); caches need >= 1 row")
+    if written and not c.is_contiguous() and torch._debug_has_internal_overlap(c) == 1:
+        raise ValueError(f"{name} has overlapping memory (strides {tuple(c.stride())}, e.g. "
+                         "an expand()-ed tensor): it cannot be written in place; pass a "
+                         "tensor that owns its rows (e.g. .contiguous())")
+    return c.shape[1]
+
+
+def values_checked(t: torch.Tensor) -> bool:
+    """Whether value checks run for ``t``: always on the CPU (free), on CUDA only with
+    ``FASTENCDEC_CHECKS=1`` (they would stall the device), never while a CUDA graph
+    is being captured."""
+    if t.device.type == "cpu":
+        return True
+    if os.environ.get(CHECKS_ENV_VAR, "") not in ("1", "true", "yes"):
+        return False
+    return not torch.cuda.is_current_stream_capturing()
+
+
+def cache_seqlens_values(lens: torch.Tensor, max_len: int, t_new: int) -> None:
+    """``0 <= cache_seqlens`` and ``cache_seqlens + t_new <= max_len`` (t_new = the new
+    tokens an append writes; 0 for a read)."""
+    if not lens.numel() or not values_checked(lens):
+        return
+    lo, hi = (int(x) for x in lens.aminmax())
+    if lo < 0 or hi + t_new > max_len:
+        if t_new:
+            raise ValueError(f"cache_seqlens + {t_new} new tokens exceeds the cache length "
+                             f"{max_len}: cache_seqlens holds [{lo}, {hi}], each must lie in "
+                             f"[0, {max_len - t_new}]")
+        raise ValueError(f"cache_seqlens values must lie in [0, {max_len}] (the cache "
+                         f"length), got [{lo}, {hi}]")
+
+
+def labels_values(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Every label is ``ignore_index`` or lies in ``[0, vocab)``."""
+    if not labels.numel() or not values_checked(labels):
+        return
+    real = labels[labels != ignore_index]
+    if real.numel():
+        lo, hi = (int(x) for x in real.aminmax())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index="
+                             f"{ignore_index}, got values in [{lo}, {hi}]")
+
+
+# Below this a softmax temperature turns fp32 logits into inf (use greedy decoding instead).
+MIN_TEMPERATURE = 1e-6
+
+
+def temperature(value, name: str = "temperature") -> float:
+    """A finite softmax temperature >= ``MIN_TEMPERATURE``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value >= MIN_TEMPERATURE):
+        raise ValueError(f"{name} must be a finite number >= {MIN_TEMPERATURE:g} (smaller "
+                         f"values overflow the scaled logits), got {value}")
+    return float(value)
+
+
+def positive_int_or_none(name: str, value) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    return value

@@ -10,7 +10,7 @@
 
 namespace fastencdec::cpu::FED_ISA_NS {
 
-void rope_apply(const float* x, float* out, const int64_t* positions, const double* inv_freq,
+void apply_rope(const float* x, float* out, const int64_t* positions, const double* inv_freq,
                 int64_t rows, int64_t heads, int64_t head_dim, int num_threads) {
   const int64_t half = head_dim / 2;
   // Per-thread cos/sin rows, allocated before the parallel region (no std::vector

@@ -16,7 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-TWO_PI_F32: tl.constexpr = 6.2831854820251465  # fp32 nearest to 2pi; only scales a fraction
+# fp32 nearest to 2pi; only scales a fraction. A tl.constexpr instance: the compiler (not
+# the interpreter) rejects plain or annotated module globals inside a kernel.
+TWO_PI_F32 = tl.constexpr(6.2831854820251465)
 
 
 @triton.jit
@@ -47,7 +49,7 @@ def _rotate_and_store(
 
 
 @triton.jit
-def _append_kernel(
+def _append_kv_cache_kernel(
     Q, K, V, K_CACHE, V_CACHE, Q_OUT, SEQLENS, TURNS_PER_POS,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
@@ -57,7 +59,7 @@ def _append_kernel(
     stride_ob, stride_ot, stride_oh, stride_od,
     t_new, n_q_heads, n_kv_heads, cache_len,
     HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
-    BLOCK_HALF: tl.constexpr, ROPE: tl.constexpr, WRITE_Q: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, ROPE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // t_new).to(tl.int64)
@@ -76,10 +78,9 @@ def _append_kernel(
         cos = tl.zeros([BLOCK_HALF], tl.float32)
         sin = cos
 
-    if WRITE_Q:
-        _rotate_and_store(Q, Q_OUT, b * stride_qb + t * stride_qt, b * stride_ob + t * stride_ot,
-                          stride_qh, stride_qd, stride_oh, stride_od, n_q_heads, cos, sin,
-                          HALF, BLOCK_HQ, BLOCK_HALF, ROPE)
+    _rotate_and_store(Q, Q_OUT, b * stride_qb + t * stride_qt, b * stride_ob + t * stride_ot,
+                      stride_qh, stride_qd, stride_oh, stride_od, n_q_heads, cos, sin,
+                      HALF, BLOCK_HQ, BLOCK_HALF, ROPE)
     _rotate_and_store(K, K_CACHE, b * stride_kb + t * stride_kt, b * stride_kcb + pos * stride_kcl,
                       stride_kh, stride_kd, stride_kch, stride_kcd, kv_rows, cos, sin,
                       HALF, BLOCK_HKV, BLOCK_HALF, ROPE)
@@ -88,21 +89,21 @@ def _append_kernel(
                       HALF, BLOCK_HKV, BLOCK_HALF, False)
 
 
-def append_kv_fwd(q, k, v, k_cache, v_cache, seqlens, turns_per_pos=None):
-    """Launch the fused update. ``turns_per_pos``: fp64 ``[D/2]`` = inv_freq / 2pi, or
-    None for no RoPE (then ``q`` is returned untouched, as the reference does)."""
+def append_kv_cache(q, k, v, k_cache, v_cache, seqlens, turns_per_pos=None):
+    """Launch the fused update; returns the rotated ``q`` (a new tensor; a copy of ``q``
+    without RoPE). ``turns_per_pos``: fp64 ``[D/2]`` = inv_freq / 2pi, or None."""
     batch, t_new, n_q, head_dim = q.shape
     n_kv = k.shape[2]
     rope = turns_per_pos is not None
-    q_out = torch.empty_like(q, memory_format=torch.contiguous_format) if rope else q
+    q_out = torch.empty_like(q, memory_format=torch.contiguous_format)
     half = head_dim // 2
-    _append_kernel[(batch * t_new,)](
+    _append_kv_cache_kernel[(batch * t_new,)](
         q, k, v, k_cache, v_cache, q_out, seqlens, turns_per_pos if rope else seqlens,
         *q.stride(), *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
         *q_out.stride(),
         t_new, n_q, n_kv, k_cache.shape[1],
         HALF=half, BLOCK_HQ=triton.next_power_of_2(n_q), BLOCK_HKV=triton.next_power_of_2(n_kv),
-        BLOCK_HALF=max(16, triton.next_power_of_2(half)), ROPE=rope, WRITE_Q=rope,
+        BLOCK_HALF=max(16, triton.next_power_of_2(half)), ROPE=rope,
         num_warps=4,
     )
     return q_out

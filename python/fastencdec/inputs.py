@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .outputs import IGNORE_INDEX
+from .constants import IGNORE_INDEX
 
 _INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
@@ -37,7 +37,8 @@ def token_ids(name: str, ids, vocab_size: int) -> torch.Tensor:
 
 
 def attention_mask(name: str, mask, ids: torch.Tensor) -> torch.Tensor | None:
-    """``mask``: None, or bool / 0-1 integers of ``ids``' shape (True = real token)."""
+    """``mask``: None, or bool / 0-1 integers of ``ids``' shape (True = real token);
+    ``ids`` may be any tensor of the sequence's ``[batch, seq]`` shape."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
@@ -79,3 +80,36 @@ def labels(name: str, lab, ids_shape, vocab_size: int) -> torch.Tensor:
 def same_batch(name: str, t: torch.Tensor, batch: int) -> None:
     if t.shape[0] != batch:
         raise ValueError(f"{name} has batch {t.shape[0]}, expected {batch}")
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """RoPE positions that count real tokens only: ``cumsum(mask) - 1`` (0 before the
+    first real token), so padding anywhere leaves the real tokens' positions as if the
+    row had none."""
+    return (mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+def embedded(name: str, ids, embeds, mask, embedding) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(x [B, L, d_model], bool mask or None)`` from token ids (``name``) through
+    ``embedding``, or from ``inputs_embeds`` given directly (exactly one of the two)."""
+    if (ids is None) == (embeds is None):
+        raise ValueError(f"pass exactly one of {name} and inputs_embeds")
+    weight = embedding.weight
+    if ids is not None:
+        ids = token_ids(name, ids, embedding.num_embeddings)
+        if ids.device != weight.device:
+            raise ValueError(f"{name} is on {ids.device} but the model is on {weight.device}")
+        return embedding(ids), attention_mask("attention_mask", mask, ids)
+    if not isinstance(embeds, torch.Tensor) or not embeds.is_floating_point():
+        raise TypeError("inputs_embeds must be a floating-point torch.Tensor "
+                        f"[batch, seq, {weight.shape[1]}]")
+    if embeds.dim() != 3 or embeds.shape[2] != weight.shape[1] or 0 in embeds.shape[:2]:
+        raise ValueError(f"inputs_embeds must have shape [batch >= 1, seq >= 1, "
+                         f"{weight.shape[1]}], got {list(embeds.shape)}")
+    if embeds.device != weight.device:
+        raise ValueError(f"inputs_embeds is on {embeds.device} but the model is on "
+                         f"{weight.device}")
+    if embeds.dtype != weight.dtype:
+        raise TypeError(f"inputs_embeds has dtype {embeds.dtype} but the model's weights are "
+                        f"{weight.dtype}")
+    return embeds, attention_mask("attention_mask", mask, embeds[..., 0])

@@ -11,7 +11,7 @@ namespace fastencdec::cpu::FED_ISA_NS {
 namespace {
 
 template <class S>
-void append(const KvAppendProblem& p) {
+void append(const AppendKvCacheProblem& p) {
   using T = typename S::T;
   const int64_t B = p.batch, Tn = p.new_len, Hq = p.q_heads, Hkv = p.kv_heads, D = p.head_dim;
   const int64_t n = B * Tn, half = D / 2;
@@ -72,7 +72,7 @@ void append(const KvAppendProblem& p) {
 
 }  // namespace
 
-void kv_cache_append(const KvAppendProblem& p) {
+void append_kv_cache(const AppendKvCacheProblem& p) {
   if (p.batch == 0 || p.new_len == 0 || p.head_dim == 0) return;
   switch (p.storage) {
     case Storage::kBF16: return append<StoreBF16>(p);
