@@ -192,6 +192,9 @@ def test_load_refuses_non_utf8_and_huge_files(tmp_path):
     path = write(tmp_path, b"\xff\xfe{}")
     with pytest.raises(ValueError, match=f"{path}: not UTF-8"):
         EncDecConfig.load(path)
+    path = write(tmp_path, "[" * 200_000)
+    with pytest.raises(ValueError, match=f"{path}: invalid JSON: nested too deeply"):
+        EncDecConfig.load(path)
     path = write(tmp_path, " " * (MAX_CONFIG_FILE_BYTES + 1))
     with pytest.raises(ValueError, match="too large for a model config"):
         EncDecConfig.load(path)

@@ -87,8 +87,9 @@ def load_reference_checkpoint(path: str | os.PathLike
         ) from err
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable torch checkpoint ({err})") from err
+    except Exception as err:  # a corrupted zip/pickle fails in many ways; name the file
+        raise ValueError(f"{path} is not a readable torch checkpoint "
+                         f"({type(err).__name__}: {err})") from err
     state = obj.get("model_state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or "transformer.wte.weight" not in state:
         raise ValueError(f"{path} is not a reference checkpoint: expected a dict whose "

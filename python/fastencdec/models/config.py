@@ -186,6 +186,8 @@ class _CommonConfig:
             data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: invalid JSON: {err}") from err
+        except RecursionError as err:
+            raise ValueError(f"{path}: invalid JSON: nested too deeply") from err
         except ValueError as err:  # a duplicate key
             raise ValueError(f"{path}: {err}") from err
         try:
