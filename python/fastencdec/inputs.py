@@ -10,7 +10,10 @@ _INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
 def _values_readable(t: torch.Tensor) -> bool:
-    # Reading values syncs with the GPU: skipped while a CUDA graph is captured.
+    """Value checks read tensors on the host: skipped while a graph is compiled (a
+    data-dependent read would break it) or a CUDA graph is captured (it would sync)."""
+    if torch.compiler.is_compiling():
+        return False
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
