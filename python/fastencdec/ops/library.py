@@ -162,8 +162,7 @@ for _name in ("distill_loss", "distill_loss_from_teacher_hidden", "distill_loss_
 
 
 def _rope_setup(ctx, inputs, output):
-    x, positions = inputs[0], inputs[1]
-    ctx.save_for_backward(positions)
+    ctx.save_for_backward(inputs[1])  # positions
     ctx.scalars = tuple(inputs[2:])  # offset, rope fields..., inverse
 
 
