@@ -1,6 +1,10 @@
 """Flash-attention backward for ``attention_fwd``: gradients w.r.t. the inputs
 *before* RoPE, recomputed from the saved log-sum-exp (nothing ``O(L^2)`` is stored).
 
+RoPE stays out of the inner loops: the launcher rotates Q and K once
+(``rope.rotate``); the kernels see rotated tiles, do one full-width dot per tile,
+and turn dQ/dK back through the inverse rotation in their store epilogue.
+
 Three kernels, all deterministic (no atomics):
 - ``_attention_bwd_preprocess_kernel``: ``delta_i = sum_d dO[i, d] * O[i, d]``;
 - ``_attention_bwd_dkdv_kernel``: one program per (key tile, K/V head, batch); it
@@ -20,9 +24,10 @@ import triton
 import triton.language as tl
 
 from ..constants import LOG2E
+from . import rope
 from .attention_fwd import key_tile_phases, mask_tile
 from .attention_setup import launch, seq_bucket, side_inputs, static_args, strides3
-from .rope_tile import load_2d, load_rope_halves, store_2d, store_unrotated_halves
+from .rope_tile import load_2d, load_split, store_2d, store_unrotated_split
 
 
 @triton.jit
@@ -51,14 +56,13 @@ def _attention_bwd_preprocess_kernel(
 
 @triton.jit
 def _dkdv_tiles(
-    dk1, dk2, dv, k1, k2, v, offs_n,
+    dk, dv, k, v, offs_n,
     q_base, do_base, lse_base, delta_base, stride_ql, stride_dol,
-    cos_ptr, sin_ptr, table_row0, lo, len_q, qk_scale,
+    lo, len_q, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_P: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
-    BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, ROPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Accumulate dK/dV of one key tile over the query tiles from ``lo`` on.
+    """Accumulate dK/dV of one key tile over the (rotated) query tiles from ``lo`` on.
 
     One loop, every tile masked: splitting off the unmasked tiles (as the forward
     does) multiplies the pipelined loops inside the head loop and made ptxas spill."""
@@ -68,24 +72,21 @@ def _dkdv_tiles(
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < len_q
-        q1, q2 = load_rope_halves(q_base, offs_m, stride_ql, m_ok, cos_ptr, sin_ptr,
-                                  table_row0 + offs_m, HALF, HALF_P, ROPE, True)
+        q = load_split(q_base, offs_m, stride_ql, m_ok, HALF, HALF_P, True)
         do = load_2d(do_base + offs_m[:, None] * stride_dol + offs_d[None, :], m_ok, d_ok,
                      True, HEAD_DIM != HEAD_P)
         lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
         delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
-        s_t = tl.dot(k1, tl.trans(q1), input_precision=DOT_PRECISION)
-        s_t = tl.dot(k2, tl.trans(q2), s_t, input_precision=DOT_PRECISION)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         ok = m_ok[None, :]
         if CAUSAL:
             ok = ok & (offs_m[None, :] >= offs_n[:, None])
         p_t = tl.where(ok, tl.exp2(s_t * qk_scale - lse[None, :]), 0.0)  # [BLOCK_N, BLOCK_M]
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = (p_t * (dp_t - delta[None, :])).to(q1.dtype)
-        dk1 = tl.dot(ds_t, q1, dk1, input_precision=DOT_PRECISION)
-        dk2 = tl.dot(ds_t, q2, dk2, input_precision=DOT_PRECISION)
-    return dk1, dk2, dv
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -116,8 +117,8 @@ def _attention_bwd_dkdv_kernel(
     d_ok = offs_d < HEAD_DIM
     table_row0 = b * table_stride_b
 
-    k1, k2 = load_rope_halves(K + b64 * stride_kb + kvh * stride_kh, offs_n, stride_kl, n_ok,
-                              COS, SIN, table_row0 + offs_n, HALF, HALF_P, ROPE, True)
+    k = load_split(K + b64 * stride_kb + kvh * stride_kh, offs_n, stride_kl, n_ok, HALF, HALF_P,
+                   True)
     v = load_2d(V + b64 * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vl
                 + offs_d[None, :], n_ok, d_ok, True, HEAD_DIM != HEAD_P)
 
@@ -128,8 +129,7 @@ def _attention_bwd_dkdv_kernel(
         live = (start_n < kv_hi) & (start_n + BLOCK_N > kv_lo)
         n_heads_here = tl.where(live, GROUP, 0)  # a tile of padding only: skip all work
 
-    dk1 = tl.zeros([BLOCK_N, HALF_P], dtype=tl.float32)
-    dk2 = tl.zeros([BLOCK_N, HALF_P], dtype=tl.float32)
+    dk = tl.zeros([BLOCK_N, 2 * HALF_P], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_P], dtype=tl.float32)
     if CAUSAL:
         q_lo = (start_n // BLOCK_M) * BLOCK_M  # earlier queries cannot see these keys
@@ -140,20 +140,18 @@ def _attention_bwd_dkdv_kernel(
         q_base = Q + b64 * stride_qb + h * stride_qh
         do_base = DO + b64 * stride_dob + h * stride_doh
         row0 = (b64 * n_q_heads + h) * len_q
-        dk1, dk2, dv = _dkdv_tiles(
-            dk1, dk2, dv, k1, k2, v, offs_n, q_base, do_base, LSE + row0, DELTA + row0,
-            stride_ql, stride_dol, COS, SIN, table_row0, q_lo, len_q, qk_scale,
-            HEAD_DIM, HEAD_P, HALF, HALF_P, BLOCK_M, CAUSAL, ROPE, DOT_PRECISION)
+        dk, dv = _dkdv_tiles(
+            dk, dv, k, v, offs_n, q_base, do_base, LSE + row0, DELTA + row0,
+            stride_ql, stride_dol, q_lo, len_q, qk_scale,
+            HEAD_DIM, HEAD_P, HALF, HALF_P, BLOCK_M, CAUSAL, DOT_PRECISION)
 
-    dk1 = dk1 * sm_scale
-    dk2 = dk2 * sm_scale
+    dk = dk * sm_scale
     if HAS_PAD:  # padded keys are never seen: their gradients are exactly 0
         real = tl.load(PAD + b64 * stride_pad_b + offs_n, mask=n_ok, other=0) != 0
-        dk1 = tl.where(real[:, None], dk1, 0.0)
-        dk2 = tl.where(real[:, None], dk2, 0.0)
+        dk = tl.where(real[:, None], dk, 0.0)
         dv = tl.where(real[:, None], dv, 0.0)
-    store_unrotated_halves(DK + b64 * stride_dkb + kvh * stride_dkh, dk1, dk2, offs_n,
-                           stride_dkl, n_ok, COS, SIN, table_row0 + offs_n, HALF, HALF_P, ROPE)
+    store_unrotated_split(DK + b64 * stride_dkb + kvh * stride_dkh, dk, offs_n, stride_dkl,
+                          n_ok, COS, SIN, table_row0 + offs_n, HALF, HALF_P, ROPE)
     dv_ptrs = DV + b64 * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvl \
         + offs_d[None, :]
     store_2d(dv_ptrs, dv.to(DV.dtype.element_ty), n_ok, d_ok, HEAD_DIM != HEAD_P)
@@ -161,33 +159,30 @@ def _attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_tiles(
-    dq1, dq2, q1, q2, do, lse, delta, offs_m,
-    k_base, v_base, stride_kl, stride_vl, pad_ptr, cos_ptr, sin_ptr, table_row0,
+    dq, q, do, lse, delta, offs_m,
+    k_base, v_base, stride_kl, stride_vl, pad_ptr,
     lo, hi, kv_hi, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_P: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
-    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, ROPE: tl.constexpr,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
     MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Accumulate dQ of one query tile over the key tiles starting in ``[lo, hi)``."""
+    """Accumulate dQ of one query tile over the (rotated) key tiles starting in ``[lo, hi)``."""
     offs_d = tl.arange(0, HEAD_P)
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < kv_hi
-        k1, k2 = load_rope_halves(k_base, offs_n, stride_kl, n_ok, cos_ptr, sin_ptr,
-                                  table_row0 + offs_n, HALF, HALF_P, ROPE, MASKED)
+        k = load_split(k_base, offs_n, stride_kl, n_ok, HALF, HALF_P, MASKED)
         v = load_2d(v_base + offs_n[:, None] * stride_vl + offs_d[None, :], n_ok, d_ok,
                     MASKED, HEAD_DIM != HEAD_P)
-        s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
-        s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PRECISION)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         p = tl.exp2(s * qk_scale - lse[:, None])
         p = mask_tile(p, 0.0, offs_m, offs_n, n_ok, pad_ptr, CAUSAL, HAS_PAD, MASKED)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = (p * (dp - delta[:, None])).to(k1.dtype)
-        dq1 = tl.dot(ds, k1, dq1, input_precision=DOT_PRECISION)
-        dq2 = tl.dot(ds, k2, dq2, input_precision=DOT_PRECISION)
-    return dq1, dq2
+        ds = (p * (dp - delta[:, None])).to(k.dtype)
+        dq = tl.dot(ds, k, dq, input_precision=DOT_PRECISION)
+    return dq
 
 
 @triton.jit
@@ -228,8 +223,8 @@ def _attention_bwd_dq_kernel(
         kv_lo = 0
         kv_hi = len_k
 
-    q1, q2 = load_rope_halves(Q + b64 * stride_qb + h * stride_qh, offs_m, stride_ql, m_ok,
-                              COS, SIN, table_row0 + offs_m, HALF, HALF_P, ROPE, True)
+    q = load_split(Q + b64 * stride_qb + h * stride_qh, offs_m, stride_ql, m_ok, HALF, HALF_P,
+                   True)
     do = load_2d(DO + b64 * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol
                  + offs_d[None, :], m_ok, d_ok, True, HEAD_DIM != HEAD_P)
     row0 = pid_bh.to(tl.int64) * len_q
@@ -238,21 +233,19 @@ def _attention_bwd_dq_kernel(
     k_base = K + b64 * stride_kb + kvh * stride_kh
     v_base = V + b64 * stride_vb + kvh * stride_vh
 
-    dq1 = tl.zeros([BLOCK_M, HALF_P], dtype=tl.float32)
-    dq2 = tl.zeros([BLOCK_M, HALF_P], dtype=tl.float32)
+    dq = tl.zeros([BLOCK_M, 2 * HALF_P], dtype=tl.float32)
     lo, full_end, masked_end = key_tile_phases(start_m, kv_lo, kv_hi, BLOCK_M, BLOCK_N, CAUSAL)
-    dq1, dq2 = _dq_tiles(
-        dq1, dq2, q1, q2, do, lse, delta, offs_m, k_base, v_base, stride_kl, stride_vl,
-        pad_ptr, COS, SIN, table_row0, lo, full_end, kv_hi, qk_scale,
-        HEAD_DIM, HEAD_P, HALF, HALF_P, BLOCK_N, CAUSAL, HAS_PAD, ROPE, False, DOT_PRECISION)
-    dq1, dq2 = _dq_tiles(
-        dq1, dq2, q1, q2, do, lse, delta, offs_m, k_base, v_base, stride_kl, stride_vl,
-        pad_ptr, COS, SIN, table_row0, full_end, masked_end, kv_hi, qk_scale,
-        HEAD_DIM, HEAD_P, HALF, HALF_P, BLOCK_N, CAUSAL, HAS_PAD, ROPE, True, DOT_PRECISION)
+    dq = _dq_tiles(
+        dq, q, do, lse, delta, offs_m, k_base, v_base, stride_kl, stride_vl,
+        pad_ptr, lo, full_end, kv_hi, qk_scale,
+        HEAD_DIM, HEAD_P, HALF, HALF_P, BLOCK_N, CAUSAL, HAS_PAD, False, DOT_PRECISION)
+    dq = _dq_tiles(
+        dq, q, do, lse, delta, offs_m, k_base, v_base, stride_kl, stride_vl,
+        pad_ptr, full_end, masked_end, kv_hi, qk_scale,
+        HEAD_DIM, HEAD_P, HALF, HALF_P, BLOCK_N, CAUSAL, HAS_PAD, True, DOT_PRECISION)
 
-    store_unrotated_halves(DQ + b64 * stride_dqb + h * stride_dqh, dq1 * sm_scale,
-                           dq2 * sm_scale, offs_m, stride_dql, m_ok, COS, SIN,
-                           table_row0 + offs_m, HALF, HALF_P, ROPE)
+    store_unrotated_split(DQ + b64 * stride_dqb + h * stride_dqh, dq * sm_scale, offs_m,
+                          stride_dql, m_ok, COS, SIN, table_row0 + offs_m, HALF, HALF_P, ROPE)
 
 
 PREPROCESS_BLOCK_M = 64
@@ -260,8 +253,14 @@ PREPROCESS_BLOCK_M = 64
 
 def attention_bwd(grad_out, q, k, v, out, lse, problem, *, need_dq: bool, need_dkv: bool):
     """Launch the backward: ``(dq, dk, dv)`` w.r.t. the inputs before RoPE (None for the
-    ones not needed). Every tensor needs a unit stride on head_dim."""
+    ones not needed). Every tensor needs a unit stride on head_dim; ``problem.scale > 0``.
+    With RoPE, Q and K are rotated here once (temporary copies)."""
+    if problem.scale <= 0:
+        raise ValueError(f"attention_bwd needs scale > 0, got {problem.scale}")
     batch, len_q, n_heads, head_dim = q.shape
+    if problem.cos is not None:
+        q = rope.rotate(q, problem.cos, problem.sin, problem.table_stride_b)
+        k = rope.rotate(k, problem.cos, problem.sin, problem.table_stride_b)
     len_k, n_kv_heads = k.shape[1], k.shape[2]
     static = static_args(q, k, problem)
     cos, sin, pad, key_range, stride_pad_b = side_inputs(q, problem)

@@ -1,10 +1,18 @@
-"""Flash-attention forward with RoPE fused into the Q/K tile loads, grouped-query
-attention, causal or bidirectional masking and a key padding mask.
+"""Flash-attention forward with RoPE, grouped-query attention, causal or bidirectional
+masking and a key padding mask.
+
+RoPE stays out of the inner loop: the launcher rotates K once (``rope.rotate``, one
+elementwise pass) and the kernel rotates its query tile once, when it loads it.
+The main loop is then the same as without RoPE: one full-width ``q.k`` dot per key
+tile (q/k tiles in the split-halves layout of ``rope_tile``).
 
 One program computes ``BLOCK_M`` query rows of one (batch, query head): it walks
 the key tiles with an online softmax in fp32 (base 2: ``log2(e)`` is folded into
-``qk_scale``), so no ``[Lq, Lk]`` matrix ever exists. Query head ``h`` reads K/V
-head ``h // GROUP`` straight from memory: repeated K/V are never materialised.
+``qk_scale``), so no ``[Lq, Lk]`` matrix ever exists. The row maximum is taken on
+the raw scores and the scale applied in one FMA (``s * qk_scale - m``); that needs
+``qk_scale > 0``, which the backend guarantees (a scale <= 0 is folded into q).
+Query head ``h`` reads K/V head ``h // GROUP`` straight from memory: repeated K/V
+are never materialised.
 
 Key tiles are visited in two phases: tiles that need no mask (wholly inside the
 key range and, when causal, wholly below the diagonal), then the few that do
@@ -24,8 +32,9 @@ import triton
 import triton.language as tl
 
 from ..constants import LOG2E
+from . import rope
 from .attention_setup import launch, seq_bucket, side_inputs, static_args, strides3
-from .rope_tile import load_2d, load_rope_halves, store_2d
+from .rope_tile import load_2d, load_rope_split, load_split, store_2d
 
 
 @triton.jit
@@ -64,31 +73,28 @@ def key_tile_phases(start_m, kv_lo, kv_hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.co
 
 @triton.jit
 def _fwd_tiles(
-    acc, l_i, m_i, q1, q2, offs_m,
-    k_base, v_base, stride_kl, stride_vl, pad_ptr, cos_ptr, sin_ptr, table_row0,
+    acc, l_i, m_i, q, offs_m,
+    k_base, v_base, stride_kl, stride_vl, pad_ptr,
     lo, hi, kv_hi, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_P: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
-    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, ROPE: tl.constexpr,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
     MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Online-softmax update over the key tiles starting in ``[lo, hi)``."""
+    """Online-softmax update over the key tiles starting in ``[lo, hi)`` (K pre-rotated)."""
     offs_d = tl.arange(0, HEAD_P)
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < kv_hi
-        k1, k2 = load_rope_halves(k_base, offs_n, stride_kl, n_ok, cos_ptr, sin_ptr,
-                                  table_row0 + offs_n, HALF, HALF_P, ROPE, MASKED)
-        s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
-        s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PRECISION)
-        s = mask_tile(s * qk_scale, float("-inf"), offs_m, offs_n, n_ok, pad_ptr,
-                      CAUSAL, HAS_PAD, MASKED)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        k = load_split(k_base, offs_n, stride_kl, n_ok, HALF, HALF_P, MASKED)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # raw scores
+        s = mask_tile(s, float("-inf"), offs_m, offs_n, n_ok, pad_ptr, CAUSAL, HAS_PAD, MASKED)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # qk_scale > 0
         # A row that has seen only masked keys keeps m = -inf: subtract 0 instead
         # so that exp2(-inf - -inf) never makes a NaN.
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_ref[:, None])
+        p = tl.exp2(s * qk_scale - m_ref[:, None])  # one FMA per score
         alpha = tl.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = load_2d(v_base + offs_n[:, None] * stride_vl + offs_d[None, :], n_ok, d_ok,
@@ -137,8 +143,8 @@ def _attention_fwd_kernel(
         kv_lo = 0
         kv_hi = len_k
 
-    q1, q2 = load_rope_halves(Q + b64 * stride_qb + h * stride_qh, offs_m, stride_ql, m_ok,
-                              COS, SIN, table_row0 + offs_m, HALF, HALF_P, ROPE, True)
+    q = load_rope_split(Q + b64 * stride_qb + h * stride_qh, offs_m, stride_ql, m_ok,
+                        COS, SIN, table_row0 + offs_m, HALF, HALF_P, ROPE, True)
     k_base = K + b64 * stride_kb + kvh * stride_kh
     v_base = V + b64 * stride_vb + kvh * stride_vh
 
@@ -148,13 +154,13 @@ def _attention_fwd_kernel(
 
     lo, full_end, masked_end = key_tile_phases(start_m, kv_lo, kv_hi, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _fwd_tiles(
-        acc, l_i, m_i, q1, q2, offs_m, k_base, v_base, stride_kl, stride_vl, pad_ptr,
-        COS, SIN, table_row0, lo, full_end, kv_hi, qk_scale,
-        HEAD_DIM, HEAD_P, HALF, HALF_P, BLOCK_N, CAUSAL, HAS_PAD, ROPE, False, DOT_PRECISION)
+        acc, l_i, m_i, q, offs_m, k_base, v_base, stride_kl, stride_vl, pad_ptr,
+        lo, full_end, kv_hi, qk_scale,
+        HEAD_DIM, HEAD_P, HALF, HALF_P, BLOCK_N, CAUSAL, HAS_PAD, False, DOT_PRECISION)
     acc, l_i, m_i = _fwd_tiles(
-        acc, l_i, m_i, q1, q2, offs_m, k_base, v_base, stride_kl, stride_vl, pad_ptr,
-        COS, SIN, table_row0, full_end, masked_end, kv_hi, qk_scale,
-        HEAD_DIM, HEAD_P, HALF, HALF_P, BLOCK_N, CAUSAL, HAS_PAD, ROPE, True, DOT_PRECISION)
+        acc, l_i, m_i, q, offs_m, k_base, v_base, stride_kl, stride_vl, pad_ptr,
+        full_end, masked_end, kv_hi, qk_scale,
+        HEAD_DIM, HEAD_P, HALF, HALF_P, BLOCK_N, CAUSAL, HAS_PAD, True, DOT_PRECISION)
 
     empty = l_i == 0.0  # no visible key: output 0, lse +inf
     l_safe = tl.where(empty, 1.0, l_i)
@@ -167,8 +173,13 @@ def _attention_fwd_kernel(
 
 def attention_fwd(q, k, v, problem):
     """Launch the forward: ``(out [B, Lq, Hq, D], lse [B, Hq, Lq] float32)``. ``q``/``k``/``v``
-    need a unit stride on head_dim; ``problem`` from ``attention_setup.make_problem``."""
+    need a unit stride on head_dim; ``problem`` from ``attention_setup.make_problem``
+    with ``scale > 0``. With RoPE, K is rotated here once (a temporary copy)."""
+    if problem.scale <= 0:
+        raise ValueError(f"attention_fwd needs scale > 0, got {problem.scale}")
     batch, len_q, n_heads, head_dim = q.shape
+    if problem.cos is not None:
+        k = rope.rotate(k, problem.cos, problem.sin, problem.table_stride_b)
     len_k = k.shape[1]
     out = torch.empty((batch, len_q, n_heads, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, n_heads, len_q), dtype=torch.float32, device=q.device)

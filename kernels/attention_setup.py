@@ -20,8 +20,8 @@ import triton
 
 from ..spec import Rope, rope_inv_freq
 
-__all__ = ["AttentionProblem", "make_problem", "launch", "interpreting", "strides3",
-           "static_args", "side_inputs", "seq_bucket"]
+__all__ = ["AttentionProblem", "make_problem", "rope_tables", "launch", "interpreting",
+           "strides3", "static_args", "side_inputs", "seq_bucket"]
 
 # (BLOCK_M = queries, BLOCK_N = keys) per kernel under the CPU interpreter: small
 # tiles keep tests fast while still spanning several tiles at modest lengths.
@@ -56,8 +56,8 @@ def make_problem(q, key_padding_mask, scale: float, *, causal: bool, positions=N
     cos = sin = None
     stride_b = 0
     if rope is not None:
-        cos, sin, stride_b = _rope_tables(positions, offset, q.shape[0], q.shape[1], q.shape[3],
-                                          q.device, _table_dtype(q.dtype), rope)
+        cos, sin, stride_b = rope_tables(positions, offset, q.shape[0], q.shape[1], q.shape[3],
+                                         q.device, table_dtype(q.dtype), rope)
     return AttentionProblem(bool(causal), float(scale), pad, key_range, cos, sin, stride_b)
 
 
@@ -71,13 +71,13 @@ def _key_range(mask: torch.Tensor) -> torch.Tensor:
     return torch.stack([lo, hi], dim=1).to(torch.int32).contiguous()
 
 
-def _table_dtype(dtype: torch.dtype) -> torch.dtype:
+def table_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 tables for fp32 inputs; fp16 ones (error <= 2^-12, below the rounding of
     the rotated 16-bit values) halve the tables' share of bandwidth and shared memory."""
     return torch.float32 if dtype == torch.float32 else torch.float16
 
 
-def _rope_tables(positions, offset, batch, seq_len, head_dim, device, dtype, rope: Rope):
+def rope_tables(positions, offset, batch, seq_len, head_dim, device, dtype, rope: Rope):
     """``(cos, sin, table_stride_b)``: tables ``[rows, D/2]`` of float64 angles, one row
     per token, in ``dtype``."""
     if positions is not None:

@@ -1,5 +1,5 @@
-"""Tile helpers shared by the attention kernels: masked 2-D loads/stores and RoPE
-applied to a tile in registers.
+"""Tile helpers shared by the attention kernels: masked 2-D loads/stores, the
+split-halves layout of q/k tiles and RoPE applied to a tile in registers.
 
 RoPE (rotate-half) pairs element ``i`` with ``i + D/2``, so a head is handled as two
 halves ``x1 = x[:, :D/2]``, ``x2 = x[:, D/2:]``, each padded to ``HALF_P`` (a power of
@@ -12,6 +12,13 @@ The rotation is orthogonal, so gradients go back through the inverse rotation
 ``[rows, D/2]`` of float64 angles (see ``fastencdec.ops.triton_attention``), rounded to
 fp32 (fp16 for 16-bit inputs) and converted to fp32 here. Computing the angle in-kernel
 as fp32 ``pos * inv_freq`` would be off by ~``pos * 2^-24`` radians.
+
+Split-halves layout: q/k tiles are held as ``[R, 2 * HALF_P]`` with ``x1`` in columns
+``[0, HALF_P)`` and ``x2`` in ``[HALF_P, 2 * HALF_P)`` (zero padded). For a power-of-two
+head_dim this is the plain layout; for 80 or 96 it pads each half instead of the
+tail, at the same width as ``HEAD_P``. A ``q.k`` dot over it is one full-width dot,
+and the halves of a gradient accumulated in it come back out with ``tl.split`` for
+the inverse rotation in the store epilogue.
 """
 
 import triton
@@ -91,3 +98,59 @@ def store_unrotated_halves(
     out_ty = g_ptr.dtype.element_ty
     store_2d(ptrs, r1.to(out_ty), rows_ok, cols_ok, HALF != HALF_P)
     store_2d(ptrs + HALF, r2.to(out_ty), rows_ok, cols_ok, HALF != HALF_P)
+
+
+@triton.jit
+def split_columns(HALF: tl.constexpr, HALF_P: tl.constexpr):
+    """Memory column of each split-halves tile column, and which of them are real."""
+    c = tl.arange(0, 2 * HALF_P)
+    if HALF == HALF_P:
+        cols = c
+        ok = c < 2 * HALF
+    else:
+        cols = (c // HALF_P) * HALF + c % HALF_P
+        ok = (c % HALF_P) < HALF
+    return cols, ok
+
+
+@triton.jit
+def load_split(x_ptr, rows, stride_row, rows_ok, HALF: tl.constexpr, HALF_P: tl.constexpr,
+               CHECK_ROWS: tl.constexpr):
+    """Rows ``rows`` of one head in the split-halves layout ``[R, 2 * HALF_P]``."""
+    cols, cols_ok = split_columns(HALF, HALF_P)
+    return load_2d(x_ptr + rows[:, None] * stride_row + cols[None, :], rows_ok, cols_ok,
+                   CHECK_ROWS, HALF != HALF_P)
+
+
+@triton.jit
+def join_halves(x1, x2):
+    """``[R, HALF_P]`` halves -> one ``[R, 2 * HALF_P]`` split-halves tile."""
+    return tl.reshape(tl.permute(tl.join(x1, x2), (0, 2, 1)), (x1.shape[0], 2 * x1.shape[1]))
+
+
+@triton.jit
+def load_rope_split(
+    x_ptr, rows, stride_row, rows_ok, cos_ptr, sin_ptr, table_rows,
+    HALF: tl.constexpr, HALF_P: tl.constexpr, ROPE: tl.constexpr, CHECK_ROWS: tl.constexpr,
+):
+    """Like ``load_split``, rotated by RoPE when ``ROPE`` (once per program: the tiles a
+    kernel reads in its inner loop come pre-rotated)."""
+    if ROPE:
+        x1, x2 = load_rope_halves(x_ptr, rows, stride_row, rows_ok, cos_ptr, sin_ptr,
+                                  table_rows, HALF, HALF_P, True, CHECK_ROWS)
+        x = join_halves(x1, x2)
+    else:
+        x = load_split(x_ptr, rows, stride_row, rows_ok, HALF, HALF_P, CHECK_ROWS)
+    return x
+
+
+@triton.jit
+def store_unrotated_split(
+    g_ptr, g, rows, stride_row, rows_ok, cos_ptr, sin_ptr, table_rows,
+    HALF: tl.constexpr, HALF_P: tl.constexpr, ROPE: tl.constexpr,
+):
+    """Store an fp32 gradient tile held in the split-halves layout (w.r.t. the rotated
+    tensor) as the gradient w.r.t. the input before RoPE."""
+    g1, g2 = tl.split(tl.permute(tl.reshape(g, (g.shape[0], 2, HALF_P)), (0, 2, 1)))
+    store_unrotated_halves(g_ptr, g1, g2, rows, stride_row, rows_ok, cos_ptr, sin_ptr,
+                           table_rows, HALF, HALF_P, ROPE)

@@ -10,6 +10,10 @@ bf16), batch or head counts above the CUDA grid limit.
 Cross-attention with at most ``DECODE_MAX_QUERIES`` queries and no gradient runs
 the split-K decode kernel (few queries, many keys).
 
+The attention kernels take the max of each score row before scaling (one FMA per
+score), which needs a positive scale: a scale <= 0 is folded into q here
+(``q * sign``, exact) and the gradient of q turned back the same way.
+
 ``FASTENCDEC_DECODE_SPLITS=n`` forces the number of key splits of the decode kernel;
 tests use it to cover both the single-split and the merge path.
 """
@@ -28,7 +32,9 @@ from ...kernels import attention_bwd as _bwd
 from ...kernels import attention_fwd as _fwd
 from ...kernels import decode_attention as _decode
 from ...kernels import distill_loss as _distill
-from ...kernels.attention_setup import MAX_GRID_YZ, interpreting, make_problem
+from ...kernels import rope as _rope
+from ...kernels.attention_setup import (MAX_GRID_YZ, interpreting, make_problem, rope_tables,
+                                        table_dtype)
 from ...spec import rope_inv_freq
 from .. import validate
 from ..dispatch import Kernel
@@ -46,11 +52,32 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+# --------------------------------------------------------------------------- RoPE
+
+
+def apply_rope(x, positions, offset, rope, inverse):
+    x = _unit_last(x)
+    batch, seq_len, _, head_dim = x.shape
+    cos, sin, stride_b = rope_tables(positions, offset, batch, seq_len, head_dim, x.device,
+                                     table_dtype(x.dtype), rope)
+    return _rope.rotate(x, cos, sin, stride_b, inverse=inverse)
+
+
 # --------------------------------------------------------------------------- attention
+
+
+def _positive_scale(q, scale):
+    """``(q', scale')`` with ``scale' > 0`` and ``q' . k * scale' == q . k * scale``."""
+    if scale > 0:
+        return q, scale
+    if scale < 0:
+        return q.neg(), -scale
+    return torch.zeros_like(q), 1.0  # scale 0: every visible key weighs the same
 
 
 def self_attention_with_lse(q, k, v, mask, positions, offset, causal, scale, rope):
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    q, scale = _positive_scale(q, scale)
     problem = make_problem(q, mask, scale, causal=causal, positions=positions, offset=offset,
                            rope=rope)
     return _fwd.attention_fwd(q, k, v, problem)
@@ -62,6 +89,7 @@ def self_attention(q, k, v, mask, positions, offset, causal, scale, rope):
 
 def cross_attention_with_lse(q, k, v, mask, scale):
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    q, scale = _positive_scale(q, scale)
     return _fwd.attention_fwd(q, k, v, make_problem(q, mask, scale, causal=False))
 
 
@@ -75,10 +103,14 @@ def cross_attention(q, k, v, mask, scale):
 def attention_backward(grad_out, q, k, v, out, lse, mask, positions, offset, causal, scale,
                        rope, need_dq, need_dkv):
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    sign = 1.0 if scale > 0 else (-1.0 if scale < 0 else 0.0)
+    q, scale = _positive_scale(q, scale)
     problem = make_problem(q, mask, scale, causal=causal, positions=positions, offset=offset,
                            rope=rope)
     dq, dk, dv = _bwd.attention_bwd(_unit_last(grad_out), q, k, v, out, lse, problem,
                                     need_dq=need_dq, need_dkv=need_dkv)
+    if dq is not None and sign != 1.0:
+        dq.mul_(sign)  # d/dq of (sign * q): sign * dq'
     empty = q.new_empty(0)
     return (empty if dq is None else dq, empty if dk is None else dk,
             empty if dv is None else dv)
@@ -212,6 +244,14 @@ def _unsupported_backward(grad_out, q, *args) -> str | None:
     return _unsupported_attention(q)
 
 
+def _unsupported_rope(x, *args) -> str | None:
+    if x.dtype not in _DTYPES:
+        return f"{x.dtype} has no Triton RoPE kernel"
+    if x.shape[0] > MAX_GRID_YZ:
+        return f"batch above {MAX_GRID_YZ} (CUDA grid limit)"
+    return None
+
+
 def _unsupported_append(q, *args) -> str | None:
     head_dim = q.shape[-1]
     if head_dim not in SUPPORTED_HEAD_DIMS:
@@ -228,6 +268,7 @@ def _unsupported_distill(hidden, *args) -> str | None:
 
 
 KERNELS = {
+    "apply_rope": Kernel(apply_rope, _unsupported_rope),
     "self_attention": Kernel(self_attention, _unsupported_attention),
     "self_attention_with_lse": Kernel(self_attention_with_lse, _unsupported_attention),
     "cross_attention": Kernel(cross_attention, _unsupported_attention),
