@@ -1,6 +1,6 @@
 """Write the demo's synthetic QA task as JSONL files for the example run configs.
 
-    python examples/make_synthetic_qa.py            # -> examples/data/qa_{train,test}.jsonl
+    python examples/make_synthetic_qa.py    # -> examples/data/qa_{train,valid,test}.jsonl, text.txt
 """
 
 import json
@@ -13,7 +13,7 @@ from fastencdec.data import SyntheticQA
 def main(out_dir: str = os.path.join(os.path.dirname(__file__), "data")) -> None:
     os.makedirs(out_dir, exist_ok=True)
     task = SyntheticQA()  # the demo's task
-    for split, n in (("train", 6000), ("test", 200)):
+    for split, n in (("train", 6000), ("valid", 200), ("test", 200)):
         path = os.path.join(out_dir, f"qa_{split}.jsonl")
         with open(path, "w", encoding="utf-8") as fh:
             for ex in task.generate(n, split=split):

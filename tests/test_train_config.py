@@ -189,3 +189,24 @@ def test_train_config_checks_every_field():
     a, b = TrainConfig(), TrainConfig(max_steps=5, log_every=3, save_every=7, progress=False)
     assert a.fingerprint() == b.fingerprint()  # cadence and length are not identity
     assert a.fingerprint() != TrainConfig(lr=1e-4).fingerprint()
+
+
+@pytest.mark.parametrize("name", ["finetune_qa.yaml", "pretrain_span.yaml", "teacher_qa.yaml",
+                                  "distill_qa.json"])
+def test_example_configs_are_valid(tmp_path, name):
+    import os
+
+    root = os.path.join(os.path.dirname(__file__), "..", "examples")
+    text = open(os.path.join(root, name), encoding="utf-8").read()
+    # stand-ins for what the data script and the teacher run make
+    for made in ("examples/data/qa_train.jsonl", "examples/data/qa_valid.jsonl",
+                 "examples/data/text.txt", "runs/teacher-qa/model/tokenizer.model"):
+        path = tmp_path / made
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}\n")
+        text = text.replace(made, str(path))
+    text = text.replace('"runs/teacher-qa/model"', f'"{tmp_path / "runs/teacher-qa/model"}"')
+    config = tmp_path / name
+    config.write_text(text)
+    run = validate_run(load_run_file(config))
+    assert run["output_dir"].startswith("runs/")

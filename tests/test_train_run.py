@@ -263,3 +263,53 @@ def test_image_entries_reach_student_and_teacher(tmp_path, seed):
     trainer.train()
     assert torch.equal(teacher.seen[-1], pixels)
     assert torch.equal(student.seen[-1][1][0], crops[0])  # lists of tensors are moved too
+
+
+# ----------------------------------------------------------------- compile and fp16
+def _compile_works() -> bool:
+    """Whether torch.compile can build and run a tiny function here (a C++ compiler
+    for inductor on the CPU, Triton on a GPU)."""
+    try:
+        fn = torch.compile(lambda x: torch.sin(x) * 2 + 1)
+        return bool(torch.allclose(fn(torch.ones(4)), torch.sin(torch.ones(4)) * 2 + 1))
+    except Exception:  # noqa: BLE001 - any failure means: not here
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("FASTENCDEC_TEST_COMPILE") != "1",
+                    reason="compiling a training step takes minutes on a CPU: set "
+                           "FASTENCDEC_TEST_COMPILE=1 to run it")
+def test_compiled_training_matches_eager(tmp_path):
+    if not _compile_works():
+        pytest.skip("torch.compile does not work in this environment")
+    exs = examples(16)
+    runs = []
+    for compiled in (False, True):
+        cfg = TrainConfig(max_steps=3, lr=5e-3, warmup_steps=1, progress=False, seed=1,
+                          compile=compiled)
+        runs.append(Trainer(tiny_encdec(), cfg, stream(exs)).train())
+    for eager, compiled in zip(*runs, strict=True):
+        assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.gpu
+def test_fp16_training_with_grad_scaler_on_cuda(tmp_path):
+    exs = examples(16)
+    cfg = config(tmp_path, precision="fp16", max_steps=30, lr=1e-2, save_every=10,
+                 log_every=10)
+    trainer = Trainer(tiny_encdec(), cfg, stream(exs), device="cuda")
+    assert trainer.scaler is not None and trainer.amp_dtype == torch.float16
+    history = trainer.train()
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"]
+    state = torch.load(tmp_path / "checkpoints" / "step_00000030" / "state.pt",
+                       weights_only=True)
+    assert "grad_scaler" in state and state["grad_scaler"]["scale"] > 0
+
+
+def test_fp16_and_bf16_need_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU refusal")
+    for precision in ("fp16", "bf16"):
+        with pytest.raises(ValueError, match=f"precision='{precision}' needs a CUDA device"):
+            Trainer(tiny_encdec(), TrainConfig(precision=precision), iter([]), device="cpu")
