@@ -93,7 +93,8 @@ def test_decode_step_compiles(seed):
     tokens[1, 2] = TINY.pad_token_id  # a generated pad: masked in later steps
 
     def fresh_cache():
-        return StaticKVCache.for_model(TINY, TINY.n_decoder_layers, 2, 4, cross[0][0])
+        return StaticKVCache.for_model(TINY, TINY.n_decoder_layers, 2, 4, cross[0][0],
+                                       mask_generated_pad=True)
 
     eager_cache = fresh_cache()
     eager = _run_steps(lambda t: model.decode_step(t, eager_cache, cross, mask), eager_cache,
@@ -121,7 +122,8 @@ class _DecodeStep(torch.nn.Module):
     def forward(self, tokens, k, v, lens, lens_after, key_mask, enc_mask, *cross):
         cache = StaticKVCache.__new__(StaticKVCache)
         cache.k, cache.v, cache.lens, cache.lens_after, cache.key_mask = k, v, lens, lens_after, key_mask
-        cache.rotate_at_read, cache.rope_len = False, 0
+        cache.mask_generated_pad, cache.recompute_past, cache.history = True, None, None
+        cache.total_len = 0
         pairs = list(zip(cross[0::2], cross[1::2], strict=True))
         return self.model.decode_step(tokens, cache, pairs, enc_mask)
 

@@ -201,14 +201,14 @@ STEP_OPS = ("append_kv_cache", "decode_attention", "cross_attention")
 def _should_capture(requested: bool | None, device: torch.device, dtype: torch.dtype,
                     cache: StaticKVCache) -> bool:
     if requested is None:
-        return (device.type == "cuda" and not cache.rotate_at_read
+        return (device.type == "cuda" and cache.recompute_past is None
                 and dtype in (torch.float16, torch.bfloat16, torch.float32)
                 and all(dispatch.choose_backend(op, device) == "triton" for op in STEP_OPS))
     if requested and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs a model on a CUDA device, not {device}")
-    if requested and cache.rotate_at_read:
+    if requested and cache.recompute_past is not None:
         raise ValueError("cuda_graph=True cannot capture a decode step whose RoPE base changes "
-                         "every step (dynamic NTK scaling past max_position_embeddings)")
+                         "with the length (dynamic NTK scaling past max_position_embeddings)")
     return bool(requested)
 
 
@@ -310,7 +310,7 @@ def _stepper(model_step, cache: StaticKVCache, start_len: int, cuda_graph, weigh
 
     def step(tokens: torch.Tensor) -> torch.Tensor:
         fed[0] += 1
-        cache.rope_len = fed[0]
+        cache.total_len = fed[0]
         logits = forward(tokens[:, None])
         cache.advance(1)
         return logits
@@ -340,7 +340,7 @@ def _start_encoder_decoder(model, x, mask, s: Settings, cuda_graph):
     states = model._encode(x, mask)
     cross_kv = model.cross_kv(states)
     cache = StaticKVCache.for_model(config, config.n_decoder_layers, rows,
-                                    s.max_new_tokens, weight)
+                                    s.max_new_tokens, weight, mask_generated_pad=True)
     step = _stepper(lambda tokens: model.decode_step(tokens, cache, cross_kv, mask), cache, 0,
                     cuda_graph, weight)
     bos = torch.full((rows,), config.bos_token_id, dtype=torch.long, device=weight.device)

@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import generation
-from .. import inputs
+from .. import generation, inputs
 from .config import DecoderOnlyConfig
 from .layers import Block, RMSNorm, init_weights
 from .outputs import IGNORE_INDEX, LMOutput, lm_loss
@@ -77,6 +76,7 @@ class DecoderOnlyLM(PretrainedMixin, nn.Module):
         padding; ``attention_mask`` None = none), filling cache rows ``0..L-1`` (of ``n``
         copies per prompt when the cache holds ``n * B`` rows). Returns each prompt's
         next-token logits ``[B, vocab]`` (at its last real token)."""
+        cache.record(x, start=0)
         for i, block in enumerate(self.layers):
             x = block.prefill(x, attention_mask, cache, i)
         if attention_mask is None:
@@ -92,6 +92,13 @@ class DecoderOnlyLM(PretrainedMixin, nn.Module):
         ``cache.lens`` is advanced by the caller."""
         cache.begin_step(tokens, self.config.pad_token_id)
         x = self.embed(tokens)
+        cache.record(x)
+        if cache.recomputing:  # dynamic NTK past the trained length: recompute everything
+            x, mask = cache.replay()
+            for block in self.layers:  # rows hold their tokens first: positions 0..len-1
+                x = block(x, key_padding_mask=mask, rope_len=x.shape[1])
+            last = (cache.lens_after.long() - 1)[:, None, None].expand(-1, 1, x.shape[2])
+            return self.lm_head(self.norm(x.gather(1, last)[:, 0]))
         for i, block in enumerate(self.layers):
             x = block.step(x, cache, i)
         return self.lm_head(self.norm(x[:, -1]))

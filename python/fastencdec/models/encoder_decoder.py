@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import generation
-from .. import inputs
+from .. import generation, inputs
 from .config import EncDecConfig
 from .layers import Block, DecoderBlock, RMSNorm, init_weights
 from .outputs import IGNORE_INDEX, LMOutput, lm_loss
@@ -129,12 +128,26 @@ class EncoderDecoderLM(PretrainedMixin, nn.Module):
         """Feed ``tokens`` ``[R, T]`` (``R = n * B`` rows, row ``b * n + i`` reading input
         ``b``) through the decoder with the static self-attention ``cache``; returns the
         last position's logits ``[R, vocab]``. Marks the step in the cache
-        (``begin_step``); ``cache.lens`` is advanced by the caller."""
+        (``begin_step``); ``cache.lens`` is advanced by the caller, and ``cache.total_len``
+        set to the length after this step (it decides recomputation under dynamic NTK)."""
         cache.begin_step(tokens, self.config.pad_token_id)
         x = self.embed(tokens)
+        cache.record(x)
+        if cache.recomputing:  # dynamic NTK past the trained length: as the reference does
+            return self._decode_everything(cache, cross_kv, encoder_mask)
         for i, block in enumerate(self.decoder):
             cross_k, cross_v = cross_kv[i]
             x = block.step(x, cache, i, cross_k, cross_v, encoder_mask)
         return self.lm_head(self.decoder_norm(x[:, -1]))
+
+    def _decode_everything(self, cache, cross_kv, encoder_mask):
+        """The decoder over every token fed so far (the RoPE base of the current length);
+        returns each row's last logits."""
+        x, mask = cache.replay()
+        for block, kv in zip(self.decoder, cross_kv, strict=True):
+            x = block(x, None, encoder_mask=encoder_mask, decoder_mask=mask, cross_kv=kv,
+                      rope_len=x.shape[1])
+        last = (cache.lens_after.long() - 1)[:, None, None].expand(-1, 1, x.shape[2])
+        return self.lm_head(self.decoder_norm(x.gather(1, last)[:, 0]))
 
     generate = generation.generate

@@ -110,15 +110,13 @@ class SelfAttention(_Attention):
 
     def prefill(self, x, key_padding_mask, cache, layer: int) -> torch.Tensor:
         """Causal attention over a prompt ``[B, L, d]`` at positions 0..L-1 (real tokens
-        first, padding after), writing the keys (rotated unless the cache rotates at
-        read time) and the values into cache rows ``0..L-1``. The cache may hold
-        ``n * B`` rows (``n`` return sequences per prompt, row ``b * n + i``): the
-        prompt's K/V are broadcast into each row's copy."""
+        first, padding after), writing the rotated keys and the values into cache rows
+        ``0..L-1``. The cache may hold ``n * B`` rows (``n`` return sequences per prompt,
+        row ``b * n + i``): the prompt's K/V are broadcast into each row's copy."""
         q, k, v = self._qkv(x)
         o = ops.self_attention(q, k, v, causal=True, key_padding_mask=key_padding_mask,
                                positions=0, rope=self.rope)
-        if not cache.rotate_at_read:
-            k = ops.apply_rope(k, 0, rope=self.rope)
+        k = ops.apply_rope(k, 0, rope=self.rope)
         k_cache, v_cache = cache.layer(layer)
         batch, seq_len = x.shape[0], x.shape[1]
         per_prompt = k_cache.shape[0] // batch
@@ -133,21 +131,9 @@ class SelfAttention(_Attention):
         far (``cache.begin_step`` has run; ``cache.lens`` is advanced by the caller)."""
         q, k, v = self._qkv(x)
         k_cache, v_cache = cache.layer(layer)
-        if not cache.rotate_at_read:
-            q = ops.append_kv_cache(q, k, v, k_cache, v_cache, cache.lens, rope=self.rope)
-            o = ops.decode_attention(q, k_cache, v_cache, cache.lens_after,
-                                     key_padding_mask=cache.key_mask)
-            return self._out(o)
-        # Dynamic NTK past the trained length: every key turns with the base of the
-        # current total length, as in the reference model's full recomputation.
-        ops.append_kv_cache(q, k, v, k_cache, v_cache, cache.lens, rope=False)
-        total = cache.rope_len
-        rope = self.rope.at_length(total)
-        positions = cache.lens.long()[:, None] + torch.arange(x.shape[1], device=x.device)
-        q = ops.apply_rope(q, positions, rope=rope)
-        keys = ops.apply_rope(k_cache[:, :total], 0, rope=rope)
-        o = ops.decode_attention(q, keys, v_cache[:, :total], cache.lens_after,
-                                 key_padding_mask=cache.key_mask[:, :total])
+        q = ops.append_kv_cache(q, k, v, k_cache, v_cache, cache.lens, rope=self.rope)
+        o = ops.decode_attention(q, k_cache, v_cache, cache.lens_after,
+                                 key_padding_mask=cache.key_mask)
         return self._out(o)
 
 
@@ -214,9 +200,12 @@ class DecoderBlock(nn.Module):
         self.mlp = make_mlp(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, encoder_states, encoder_mask=None, decoder_mask=None):
-        x = x + self.dropout(self.self_attn(self.norm1(x), decoder_mask))
-        k, v = self.cross_attn.project_kv(encoder_states)
+    def forward(self, x, encoder_states, encoder_mask=None, decoder_mask=None, *,
+                cross_kv=None, rope_len=None):
+        """``cross_kv``: this layer's precomputed cross-attention K/V (then
+        ``encoder_states`` is not read); ``rope_len`` fixes the self-attention's NTK length."""
+        x = x + self.dropout(self.self_attn(self.norm1(x), decoder_mask, rope_len=rope_len))
+        k, v = cross_kv if cross_kv is not None else self.cross_attn.project_kv(encoder_states)
         x = x + self.dropout(self.cross_attn(self.norm2(x), k, v, encoder_mask))
         return x + self.dropout(self.mlp(self.norm3(x)))
 

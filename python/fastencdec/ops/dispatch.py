@@ -48,8 +48,19 @@ _warned: set[tuple[str, str]] = set()
 _resolved: dict[tuple[str, str | None, str], tuple[str, Kernel]] = {}
 
 
+try:  # os.environ.get re-encodes the key on every call: read the mapping directly
+    _ENV_DATA, _ENV_KEY = os.environ._data, os.environ.encodekey(ENV_VAR)
+    _decode = os.environ.decodevalue
+except AttributeError:  # another Python implementation
+    _ENV_DATA = None
+
+
 def forced_backend() -> str | None:
-    value = os.environ.get(ENV_VAR)
+    if _ENV_DATA is not None:
+        raw = _ENV_DATA.get(_ENV_KEY)
+        value = None if raw is None else _decode(raw)
+    else:
+        value = os.environ.get(ENV_VAR)
     if not value:
         return None
     value = value.strip().lower()

@@ -70,26 +70,42 @@ def nonempty(name: str, t: torch.Tensor, dims, what: str) -> None:
             raise ValueError(f"{name} has an empty {what} (shape {_shape(t)}); sizes must be >= 1")
 
 
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def qkv(q, k, v, *, k_name="k", v_name="v", same_len: bool) -> int:
-    """Check ``q [B, Lq, Hq, D]``, ``k``/``v`` ``[B, Lk, Hkv, D]``; returns ``D``."""
+    """Check ``q [B, Lq, Hq, D]``, ``k``/``v`` ``[B, Lk, Hkv, D]``; returns ``D``.
+
+    The common valid case is decided by one expression (the decode hot path calls
+    this every layer); anything else goes through the detailed checks for the error."""
+    try:
+        qs, ks = q.shape, k.shape
+        fast = (len(qs) == 4 and len(ks) == 4 and v.shape == ks and q.dtype in _KERNEL_DTYPES
+                and k.dtype is q.dtype and v.dtype is q.dtype and qs[0] == ks[0]
+                and qs[3] == ks[3] and ks[2] > 0 and qs[2] % ks[2] == 0
+                and (qs[1] == ks[1] if same_len else ks[1] > 0) and 0 not in qs)
+        if fast:
+            device = q.device
+            if k.device == device and v.device == device and device.type in DEVICE_TYPES:
+                return qs[3]
+    except (AttributeError, TypeError):
+        pass
+    return _qkv_detailed(q, k, v, k_name=k_name, v_name=v_name, same_len=same_len)
+
+
+def _qkv_detailed(q, k, v, *, k_name, v_name, same_len: bool) -> int:
     tensor("q", q, ndim=4, layout="[batch, seq, n_heads, head_dim]")
     tensor(k_name, k, ndim=4, layout="[batch, seq, n_kv_heads, head_dim]")
     tensor(v_name, v, ndim=4, layout="[batch, seq, n_kv_heads, head_dim]")
-    if not (q.device == k.device == v.device):
-        same_device(q=q, **{k_name: k, v_name: v})
-    if not (q.dtype == k.dtype == v.dtype):
-        same_dtype(q=q, **{k_name: k, v_name: v})
-    if 0 in q.shape:
-        nonempty("q", q, (0, 1, 2, 3), "dimension")
-    if k.shape[1] == 0 or k.shape[2] == 0:
-        nonempty(k_name, k, (1, 2), "dimension")
+    same_device(q=q, **{k_name: k, v_name: v})
+    same_dtype(q=q, **{k_name: k, v_name: v})
+    nonempty("q", q, (0, 1, 2, 3), "dimension")
+    nonempty(k_name, k, (1, 2), "dimension")
     if k.shape != v.shape:
         raise ValueError(f"{k_name} {_shape(k)} and {v_name} {_shape(v)} must have the same shape")
-    if k.shape[0] != q.shape[0]:
-        dim_equals(k_name, k, 0, q.shape[0], "batch")
-    if k.shape[3] != q.shape[3]:
-        dim_equals(k_name, k, 3, q.shape[3], "head_dim")
-    if same_len and k.shape[1] != q.shape[1]:
+    dim_equals(k_name, k, 0, q.shape[0], "batch")
+    dim_equals(k_name, k, 3, q.shape[3], "head_dim")
+    if same_len:
         dim_equals(k_name, k, 1, q.shape[1], "seq length (self-attention)")
     if q.shape[2] % k.shape[2]:
         raise ValueError(
@@ -162,8 +178,12 @@ def scale(value, head_dim: int) -> float:
 
 def cache_seqlens(lens, batch: int, device) -> None:
     """Shape, dtype and device of ``cache_seqlens`` ``[batch]`` (values: see module doc)."""
-    if not isinstance(lens, torch.Tensor) or lens.dim() != 1 or lens.dtype not in INDEX_DTYPES:
-        tensor("cache_seqlens", lens, ndim=1, layout="[batch]", dtypes=INDEX_DTYPES)
+    try:
+        if lens.shape == (batch,) and lens.dtype in INDEX_DTYPES and lens.device == device:
+            return
+    except AttributeError:
+        pass
+    tensor("cache_seqlens", lens, ndim=1, layout="[batch]", dtypes=INDEX_DTYPES)
     if lens.shape[0] != batch:
         raise ValueError(f"cache_seqlens must have shape [{batch}], got {_shape(lens)}")
     if lens.device != device:

@@ -18,13 +18,13 @@ from . import distill_chunks
 from .distill_rows_cpu import distill_rows
 
 _STORAGE = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_HALF = (torch.bfloat16, torch.float16)
+
+
+from fastencdec import _C as _cpp  # noqa: E402  (this backend is loaded only when usable)
 
 
 def _C():
-    from fastencdec import _C
-
-    return _C
+    return _cpp
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
@@ -35,12 +35,12 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
 
 def _np(t: torch.Tensor):
     """Zero-copy numpy view of a contiguous CPU tensor (bf16/fp16 as uint16 bits)."""
-    return t.view(torch.uint16).numpy() if t.dtype in _HALF else t.numpy()
+    return t.numpy() if t.dtype is torch.float32 else t.view(torch.uint16).numpy()
 
 
 def _index(t: torch.Tensor):
     """int64 or int32 (the C++ side takes both) as a numpy view."""
-    if t.dtype != torch.int64 and t.dtype != torch.int32:
+    if t.dtype is not torch.int64 and t.dtype is not torch.int32:
         t = t.to(torch.int64)
     return _dense(t).numpy()
 
@@ -99,10 +99,10 @@ def cross_attention(q, k, v, mask, scale):
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, mask, scale):
-    q = _dense(q)
+    q, k_cache, v_cache = _dense(q), _dense(k_cache), _dense(v_cache)
     out = torch.empty_like(q)
-    _C().decode_attention(_np(q), _np(_dense(k_cache)), _np(_dense(v_cache)),
-                          _index(cache_seqlens), _mask(mask), _np(out), scale,
+    _cpp.decode_attention(_np(q), _np(k_cache), _np(v_cache), _index(cache_seqlens),
+                          None if mask is None else _mask(mask), _np(out), scale,
                           _STORAGE[q.dtype], torch.get_num_threads())
     return out
 
