@@ -6,9 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _helpers import greedy_recompute_decoder_only as greedy_without_cache_decoder_only
+from _helpers import greedy_recompute_encdec as greedy_without_cache_encdec
 from _helpers import randomize
-from fastencdec import DecoderOnlyConfig, DecoderOnlyLM, EncDecConfig, EncoderDecoderLM, ops
-from fastencdec import generation
+from fastencdec import (
+    DecoderOnlyConfig,
+    DecoderOnlyLM,
+    EncDecConfig,
+    EncoderDecoderLM,
+    generation,
+    ops,
+)
 from fastencdec.generation import StaticKVCache, filter_top_k, filter_top_p
 from fastencdec.models import ops_backend
 
@@ -18,8 +26,6 @@ NO_EOS = ()  # eos_token_id=() never stops early
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 
 
 @pytest.fixture
@@ -34,27 +40,6 @@ def deconly(seed):
 
 def rand_ids(batch, length):
     return torch.randint(3, VOCAB, (batch, length))
-
-
-@torch.no_grad()
-def greedy_without_cache_encdec(model, ids, mask, n):
-    dec = torch.full((ids.shape[0], 1), TINY.bos_token_id)
-    for _ in range(n):
-        nxt = model(ids, mask, decoder_input_ids=dec).logits[:, -1].argmax(-1)
-        dec = torch.cat([dec, nxt[:, None]], dim=1)
-    return dec[:, 1:]
-
-
-@torch.no_grad()
-def greedy_without_cache_decoder_only(model, ids, mask, n):
-    """Left-padded prompts: the last column is always a real token."""
-    out = []
-    for _ in range(n):
-        nxt = model(ids, mask).logits[:, -1].argmax(-1)
-        out.append(nxt)
-        ids = torch.cat([ids, nxt[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    return torch.stack(out, dim=1)
 
 
 # -- cached == recomputed ----------------------------------------------------------------

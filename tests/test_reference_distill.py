@@ -7,6 +7,7 @@ import torch
 
 from _helpers import rand
 from fastencdec import reference
+from fastencdec import reference as ref
 
 
 def explicit_loss(zs, zt, labels, alpha, tau, divergence, ignore_index=-100):
@@ -108,3 +109,20 @@ def test_gradcheck(seed, divergence):
         lambda h, w: reference.distill_loss(h, w, zt, labels, alpha=0.6, temperature=1.7,
                                             divergence=divergence),
         (hidden, weight))
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl"])
+@pytest.mark.parametrize("alpha,tau", [(0.5, 2.0), (0.0, 1.0), (1.0, 0.7)])
+def test_written_out_gradient_equals_autograd(seed, divergence, alpha, tau):
+    gen = torch.Generator().manual_seed(seed)
+    n, v_s, v_t = 11, 40, 33
+    logits = rand(n, v_s, dtype=torch.float64, generator=gen, scale=3.0).requires_grad_()
+    teacher = rand(n, v_t, dtype=torch.float64, generator=gen, scale=3.0)
+    labels = torch.randint(0, v_s, (n,), generator=gen)
+    labels[[2, 7]] = -100
+    kw = dict(alpha=alpha, temperature=tau, divergence=divergence)
+    loss = ref.distill_loss_from_logits(logits, teacher, labels, **kw)
+    (expected,) = torch.autograd.grad(loss, logits)
+    got_loss, got = ref.distill_grads_from_logits(logits.detach(), teacher, labels, **kw)
+    torch.testing.assert_close(got_loss, loss.detach(), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)

@@ -10,6 +10,8 @@ import time
 import pytest
 import torch
 
+from _helpers import greedy_recompute_decoder_only as recompute_decoder_only
+from _helpers import greedy_recompute_encdec as recompute_encdec
 from _helpers import randomize
 from fastencdec import DecoderOnlyConfig, DecoderOnlyLM, EncDecConfig, EncoderDecoderLM, ops
 
@@ -19,29 +21,6 @@ TINY = EncDecConfig.preset("tiny")
 # dynamic NTK scaling with a short trained context: generation passes it quickly
 NTK = TINY.replace(rope_scaling_factor=2.0, max_position_embeddings=8, rope_theta=300.0)
 NO_EOS = ()
-
-
-@torch.no_grad()
-def recompute_encdec(model, ids, mask, n):
-    """Greedy decoding that recomputes everything each step, as the reference model
-    does: a generated pad token is masked in the decoder's input."""
-    pad = model.config.pad_token_id
-    dec = torch.full((ids.shape[0], 1), model.config.bos_token_id)
-    for _ in range(n):
-        logits = model(ids, mask, decoder_input_ids=dec, decoder_attention_mask=dec != pad).logits
-        dec = torch.cat([dec, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return dec[:, 1:]
-
-
-@torch.no_grad()
-def recompute_decoder_only(model, ids, mask, n):
-    out = []
-    for _ in range(n):
-        nxt = model(ids, mask).logits[:, -1].argmax(-1)
-        out.append(nxt)
-        ids = torch.cat([ids, nxt[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    return torch.stack(out, dim=1)
 
 
 def _ids(gen, batch, length):

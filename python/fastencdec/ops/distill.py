@@ -29,6 +29,20 @@ def _check_common(labels, n_rows, device, alpha, temperature, divergence, ignore
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
 
 
+def _check_student_head(student_hidden, lm_head_weight, n_rows_name: str, others: dict):
+    """``student_hidden [N, d]`` with ``lm_head_weight [V_s, d]`` on one device and dtype;
+    ``others`` (name -> tensor) share their device. Returns ``N``."""
+    validate.tensor("student_hidden", student_hidden, ndim=2, layout="[N, d_model]")
+    validate.tensor("lm_head_weight", lm_head_weight, ndim=2, layout="[vocab, d_model]")
+    validate.same_device(student_hidden=student_hidden, lm_head_weight=lm_head_weight, **others)
+    validate.same_dtype(student_hidden=student_hidden, lm_head_weight=lm_head_weight)
+    validate.dim_equals("lm_head_weight", lm_head_weight, 1, student_hidden.shape[1], "d_model")
+    validate.nonempty("lm_head_weight", lm_head_weight, (0,), "vocabulary")
+    n_rows = student_hidden.shape[0]
+    validate.dim_equals(n_rows_name, others[n_rows_name], 0, n_rows, "rows")
+    return n_rows
+
+
 def _chunk(chunk_size) -> int:
     return validate.positive_int_or_none("chunk_size", chunk_size) or 0
 
@@ -61,16 +75,9 @@ def distill_loss(
     ``[N, V_t]`` (any float dtype; the divergence uses the shared vocabulary prefix),
     ``labels`` ``[N]`` (``ignore_index`` rows contribute nothing). Mean over real rows.
     """
-    validate.tensor("student_hidden", student_hidden, ndim=2, layout="[N, d_model]")
-    validate.tensor("lm_head_weight", lm_head_weight, ndim=2, layout="[vocab, d_model]")
     validate.tensor("teacher_logits", teacher_logits, ndim=2, layout="[N, teacher_vocab]")
-    validate.same_device(student_hidden=student_hidden, lm_head_weight=lm_head_weight,
-                         teacher_logits=teacher_logits)
-    validate.same_dtype(student_hidden=student_hidden, lm_head_weight=lm_head_weight)
-    n_rows = student_hidden.shape[0]
-    validate.dim_equals("lm_head_weight", lm_head_weight, 1, student_hidden.shape[1], "d_model")
-    validate.dim_equals("teacher_logits", teacher_logits, 0, n_rows, "rows")
-    validate.nonempty("lm_head_weight", lm_head_weight, (0,), "vocabulary")
+    n_rows = _check_student_head(student_hidden, lm_head_weight, "teacher_logits",
+                                 {"teacher_logits": teacher_logits})
     validate.nonempty("teacher_logits", teacher_logits, (1,), "vocabulary")
     _check_common(labels, n_rows, student_hidden.device, alpha, temperature, divergence,
                   ignore_index)
@@ -109,37 +116,25 @@ def distill_loss_from_logits(
     return _run("distill_loss_from_logits", args, want)
 
 
-def distill_loss_from_teacher_hidden(
-    student_hidden: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_head_weight: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    alpha: float = 0.5,
-    temperature: float = 1.0,
-    divergence: str = "reverse_kl",
-    ignore_index: int = IGNORE_INDEX,
-    chunk_size: int | None = None,
-) -> torch.Tensor:
+def distill_loss_from_teacher_hidden(student_hidden: torch.Tensor, lm_head_weight: torch.Tensor,
+                                     teacher_hidden: torch.Tensor,
+                                     teacher_head_weight: torch.Tensor, labels: torch.Tensor, *,
+                                     alpha: float = 0.5, temperature: float = 1.0,
+                                     divergence: str = "reverse_kl",
+                                     ignore_index: int = IGNORE_INDEX,
+                                     chunk_size: int | None = None) -> torch.Tensor:
     """:func:`distill_loss` with the teacher's LM head fused in too: the teacher logits
     ``teacher_hidden [N, d_t] @ teacher_head_weight[V_t, d_t].T`` are computed per chunk
     and never stored whole. No gradient flows to the teacher."""
-    validate.tensor("student_hidden", student_hidden, ndim=2, layout="[N, d_model]")
-    validate.tensor("lm_head_weight", lm_head_weight, ndim=2, layout="[vocab, d_model]")
     validate.tensor("teacher_hidden", teacher_hidden, ndim=2, layout="[N, teacher_d_model]")
     validate.tensor("teacher_head_weight", teacher_head_weight, ndim=2,
                     layout="[teacher_vocab, teacher_d_model]")
-    validate.same_device(student_hidden=student_hidden, lm_head_weight=lm_head_weight,
-                         teacher_hidden=teacher_hidden, teacher_head_weight=teacher_head_weight)
-    validate.same_dtype(student_hidden=student_hidden, lm_head_weight=lm_head_weight)
+    n_rows = _check_student_head(student_hidden, lm_head_weight, "teacher_hidden",
+                                 {"teacher_hidden": teacher_hidden,
+                                  "teacher_head_weight": teacher_head_weight})
     validate.same_dtype(teacher_hidden=teacher_hidden, teacher_head_weight=teacher_head_weight)
-    n_rows = student_hidden.shape[0]
-    validate.dim_equals("lm_head_weight", lm_head_weight, 1, student_hidden.shape[1], "d_model")
-    validate.dim_equals("teacher_hidden", teacher_hidden, 0, n_rows, "rows")
     validate.dim_equals("teacher_head_weight", teacher_head_weight, 1, teacher_hidden.shape[1],
                         "d_model (teacher)")
-    validate.nonempty("lm_head_weight", lm_head_weight, (0,), "vocabulary")
     validate.nonempty("teacher_head_weight", teacher_head_weight, (0,), "vocabulary")
     _check_common(labels, n_rows, student_hidden.device, alpha, temperature, divergence,
                   ignore_index)

@@ -111,21 +111,11 @@ def _self_attention_mask(batch, seq_len, causal, key_padding_mask, device):
     return allowed
 
 
-def self_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool,
-    key_padding_mask: torch.Tensor | None = None,
-    positions=None,
-    rope_theta: float = 10000.0,
-    rope: bool | Rope = True,
-    scale: float | None = None,
-    rope_scaling_factor: float = 1.0,
-    max_position_embeddings: int | None = None,
-    with_lse: bool = False,
-):
+def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+                   key_padding_mask: torch.Tensor | None = None, positions=None,
+                   rope_theta: float = 10000.0, rope: bool | Rope = True,
+                   scale: float | None = None, rope_scaling_factor: float = 1.0,
+                   max_position_embeddings: int | None = None, with_lse: bool = False):
     """RoPE + GQA self-attention. ``q`` ``[B, L, Hq, D]``, ``k``/``v`` ``[B, L, Hkv, D]``.
 
     ``positions``: int ``[B, L]`` or a start offset (default 0), applied to q and k.
@@ -194,19 +184,11 @@ def decode_attention(
     return attention_with_mask(q, k_cache, v_cache, allowed, scale)
 
 
-def append_kv_cache(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    *,
-    rope: bool | Rope = True,
-    rope_theta: float = 10000.0,
-    rope_scaling_factor: float = 1.0,
-    max_position_embeddings: int | None = None,
-) -> torch.Tensor:
+def append_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, cache_seqlens: torch.Tensor, *,
+                    rope: bool | Rope = True, rope_theta: float = 10000.0,
+                    rope_scaling_factor: float = 1.0,
+                    max_position_embeddings: int | None = None) -> torch.Tensor:
     """One decode step's cache update: rotate the new ``q``/``k`` ``[B, T, H*, D]`` at
     positions ``cache_seqlens[b] + t``, write rotated ``k`` and ``v`` into rows
     ``cache_seqlens[b] .. + T`` of the caches (in place) and return the rotated ``q``

@@ -66,64 +66,27 @@ def distill_loss_from_logits(
     return (per_row.sum() / n_real).to(compute)
 
 
-def distill_loss(
-    student_hidden: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    alpha: float = 0.5,
-    temperature: float = 1.0,
-    divergence: str = "reverse_kl",
-    ignore_index: int = -100,
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """Student logits are ``student_hidden [N, d] @ lm_head_weight[V_s, d].T``; see module doc.
-
-    ``chunk_size`` is accepted for signature parity with the fused kernel and ignored.
-    """
+def distill_loss(student_hidden: torch.Tensor, lm_head_weight: torch.Tensor,
+                 teacher_logits: torch.Tensor, labels: torch.Tensor, *, chunk_size=None,
+                 **settings) -> torch.Tensor:
+    """Student logits are ``student_hidden [N, d] @ lm_head_weight[V_s, d].T``; then
+    :func:`distill_loss_from_logits` with ``settings`` (``alpha``, ``temperature``,
+    ``divergence``, ``ignore_index``). ``chunk_size`` is accepted for signature parity
+    with the fused kernels and ignored."""
     del chunk_size
-    real = labels != ignore_index
-    hidden = student_hidden[real]
-    logits = hidden @ lm_head_weight.t()
-    return distill_loss_from_logits(
-        logits,
-        teacher_logits[real],
-        labels[real],
-        alpha=alpha,
-        temperature=temperature,
-        divergence=divergence,
-        ignore_index=ignore_index,
-    )
+    real = labels != settings.get("ignore_index", -100)
+    logits = student_hidden[real] @ lm_head_weight.t()
+    return distill_loss_from_logits(logits, teacher_logits[real], labels[real], **settings)
 
 
-def distill_loss_from_teacher_hidden(
-    student_hidden: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_head_weight: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    alpha: float = 0.5,
-    temperature: float = 1.0,
-    divergence: str = "reverse_kl",
-    ignore_index: int = -100,
-    chunk_size: int | None = None,
-) -> torch.Tensor:
+def distill_loss_from_teacher_hidden(student_hidden: torch.Tensor, lm_head_weight: torch.Tensor,
+                                     teacher_hidden: torch.Tensor,
+                                     teacher_head_weight: torch.Tensor, labels: torch.Tensor,
+                                     **settings) -> torch.Tensor:
     """Teacher logits are ``teacher_hidden [N, d_t] @ teacher_head_weight[V_t, d_t].T``
     (no gradient flows to the teacher); then :func:`distill_loss`."""
     teacher_logits = teacher_hidden.detach() @ teacher_head_weight.detach().t()
-    return distill_loss(
-        student_hidden,
-        lm_head_weight,
-        teacher_logits,
-        labels,
-        alpha=alpha,
-        temperature=temperature,
-        divergence=divergence,
-        ignore_index=ignore_index,
-        chunk_size=chunk_size,
-    )
+    return distill_loss(student_hidden, lm_head_weight, teacher_logits, labels, **settings)
 
 
 def distill_grads_from_logits(
