@@ -95,10 +95,14 @@ class MuReference:
     float64: a rounding-free yardstick, not the reference's own numerics)."""
 
     def __init__(self, state: dict[str, torch.Tensor], config: dict,
-                 dtype: torch.dtype = torch.float32, mask_decoder_pads: bool = True):
-        # mask_decoder_pads=False is *not* the reference: a variant that lets tests show
-        # that a case depends on masking generated pad tokens.
+                 dtype: torch.dtype = torch.float32, mask_decoder_pads: bool = True,
+                 rotate_once: bool = False):
+        # Not the reference, variants that let tests show that a case depends on what it
+        # tests: mask_decoder_pads=False leaves generated pad tokens visible;
+        # rotate_once=True gives decoder position p the NTK base of length p + 1 (a KV
+        # cache that rotates each key once, when it is appended).
         self.mask_decoder_pads = mask_decoder_pads
+        self.rotate_once = rotate_once
         self.dtype = dtype
         self.w = {k: v.to(dtype) for k, v in state.items()}
         self.c = config
@@ -112,19 +116,25 @@ class MuReference:
     def linear(self, x, name):
         return x @ self.w[f"{name}.weight"].T + self.w[f"{name}.bias"]
 
-    def rope_tables(self, seq_len: int, centred: bool):
-        """cos/sin ``[L, D]`` (float32 in the reference); the NTK base depends on this
-        call's length."""
+    def inv_freq(self, seq_len: int) -> torch.Tensor:
+        """RoPE frequencies for a forward call over ``seq_len`` positions (dynamic NTK)."""
         d, base, f = self.head_dim, self.c["rope_theta"], self.c["rope_factor"]
         if f > 1.0:
             l_max = self.c["block_size"]
             l_eff = max(seq_len, l_max)
             base = base * ((f * l_eff / l_max) - (f - 1)) ** (d / (d - 2))
-        inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, dtype=self.dtype) / d))
+        return 1.0 / (base ** (torch.arange(0, d, 2, dtype=self.dtype) / d))
+
+    def rope_tables(self, seq_len: int, centred: bool):
+        """cos/sin ``[L, D]`` (float32 in the reference); the NTK base depends on this
+        call's length."""
         pos = torch.arange(seq_len, dtype=self.dtype)
         if centred:
             pos = pos - (seq_len - 1) // 2
-        freqs = torch.outer(pos, inv_freq)
+        if self.rotate_once and not centred:
+            freqs = torch.stack([p * self.inv_freq(int(p) + 1) for p in pos])
+        else:
+            freqs = torch.outer(pos, self.inv_freq(seq_len))
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos(), emb.sin()
 
