@@ -146,34 +146,47 @@ def launch(kernel, kind: str, args, static: dict, grid_for) -> None:
         block_m, block_n = INTERPRETER_BLOCKS[kind]
         kernel[grid_for(block_m, block_n)](*args, **static, BLOCK_M=block_m, BLOCK_N=block_n)
         return
-    tuned = _tuned(kernel, kind, _size_class(static["HEAD_DIM"]),
-                   fp32=static["DOT_PRECISION"] == "ieee")
+    tuned = _tuned(kernel, kind, static["HEAD_DIM"], fp32=static["DOT_PRECISION"] == "ieee",
+                   causal=static["CAUSAL"], has_pad=static["HAS_PAD"])
     tuned[lambda meta: grid_for(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **static)
 
 
-def _size_class(head_dim: int) -> str:
+def size_class(head_dim: int) -> str:
     return "small" if head_dim <= 64 else ("medium" if head_dim <= 128 else "large")
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per kernel and head-dim class
-# (BLOCK_M = queries, BLOCK_N = keys). Picked from sm_90 compiles (ptxas register
-# and shared-memory reports) of the worst case (RoPE + causal + padding): none
-# spills for D <= 128; D=256 keeps small tiles. Larger query tiles amortise the
-# in-loop K rotation of the forward. Not yet timed on a GPU.
+# (BLOCK_M = queries, BLOCK_N = keys), picked from sm_90 compiles (ptxas register and
+# spill reports, Triton's shared-memory size; ``bench/compile_sm90.py --full`` checks
+# every one of them for every variant): none spills for bf16/fp16, none needs more
+# than 227 KiB. Not yet timed on a GPU.
 GPU_CONFIGS = {
-    ("fwd", "small"): [(128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3)],
-    ("fwd", "medium"): [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3),
-                        (64, 32, 4, 3)],
-    ("fwd", "large"): [(64, 32, 8, 2), (64, 32, 8, 3), (128, 32, 8, 2), (64, 16, 4, 2)],
-    ("dkdv", "small"): [(32, 128, 8, 2), (32, 64, 8, 3), (64, 64, 8, 2), (16, 64, 4, 3),
-                        (32, 64, 4, 3)],
-    ("dkdv", "medium"): [(32, 64, 8, 2), (32, 64, 8, 3), (16, 128, 8, 2)],
-    ("dkdv", "large"): [(32, 32, 8, 2), (16, 32, 8, 2)],
-    ("dq", "small"): [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
-    ("dq", "medium"): [(128, 32, 8, 2), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3),
+    ("fwd", "small"): [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (64, 128, 4, 3),
+                       (128, 32, 4, 3)],
+    ("fwd", "medium"): [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 2), (128, 32, 8, 3),
+                        (64, 64, 4, 3), (64, 32, 4, 3)],
+    ("fwd", "large"): [(64, 64, 8, 2), (64, 32, 8, 3), (64, 32, 8, 2), (128, 32, 8, 2),
+                       (64, 16, 4, 2)],
+    ("dkdv", "small"): [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 8, 3), (32, 64, 8, 3),
+                        (16, 64, 4, 3)],
+    ("dkdv", "medium"): [(32, 64, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2), (32, 64, 4, 3),
+                         (16, 128, 8, 2)],
+    ("dkdv", "large"): [(64, 32, 8, 2), (32, 32, 8, 2), (16, 32, 8, 2)],
+    ("dq", "small"): [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
+    ("dq", "medium"): [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 3),
                        (64, 32, 4, 3)],
-    ("dq", "large"): [(16, 32, 4, 2), (64, 16, 8, 2), (32, 32, 8, 2)],
+    ("dq", "large"): [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)],
 }
+# The Hopper-standard 128x128 forward tile: it fits 227 KiB at D <= 128 now that RoPE
+# is out of the loop, but the padding mask's per-tile loads push it past 255
+# registers (spills), and so does a bidirectional D=128 tile: only where it does not.
+WIDE_FWD = (128, 128, 8, 3)
+
+
+def _wide_fwd_fits(head_dim: int, causal: bool, has_pad: bool) -> bool:
+    return not has_pad and (head_dim <= 64 or (head_dim == 128 and causal))
+
+
 # fp32 runs IEEE dots on CUDA cores (exact, not fast): small tiles that fit.
 FP32_GPU_CONFIGS = {
     ("fwd", "small"): [(32, 32, 4, 2), (64, 32, 8, 2)],
@@ -187,18 +200,38 @@ FP32_GPU_CONFIGS = {
     ("dq", "large"): [(16, 32, 4, 1), (32, 16, 4, 2)],
 }
 TUNING_KEYS = ["seq_bucket", "GROUP", "HEAD_DIM", "CAUSAL", "HAS_PAD", "ROPE"]
+# Set FASTENCDEC_AUTOTUNE_ONE=1 to keep only the first config of each list (GPU test
+# runs: one compile per shape instead of a tuning sweep).
+ONE_CONFIG_ENV_VAR = "FASTENCDEC_AUTOTUNE_ONE"
 
-_TUNED: dict[tuple[str, str, bool], object] = {}
+
+def gpu_configs(kind: str, head_dim: int, *, fp32: bool, causal: bool,
+                has_pad: bool) -> list[tuple[int, int, int, int]]:
+    """The autotune candidates of one kernel for one problem variant."""
+    table = FP32_GPU_CONFIGS if fp32 else GPU_CONFIGS
+    configs = list(table[(kind, size_class(head_dim))])
+    if kind == "fwd" and not fp32 and _wide_fwd_fits(head_dim, causal, has_pad):
+        configs.insert(0, WIDE_FWD)
+    if os.environ.get(ONE_CONFIG_ENV_VAR) == "1":
+        configs = configs[:1]
+    return configs
 
 
-def _tuned(kernel, kind: str, size_class: str, fp32: bool):
-    """The autotuned wrapper of ``kernel`` for one head-dim class and dtype family."""
-    key = (kind, size_class, fp32)
+_TUNED: dict[tuple, object] = {}
+
+
+def _tuned(kernel, kind: str, head_dim: int, *, fp32: bool, causal: bool, has_pad: bool):
+    """The autotuned wrapper of ``kernel`` for one problem variant. Tuning results are
+    kept in Triton's cache directory (``cache_results``) where this Triton has it, so a
+    new process does not re-tune."""
+    configs = gpu_configs(kind, head_dim, fp32=fp32, causal=causal, has_pad=has_pad)
+    key = (kind, tuple(configs))
     if key not in _TUNED:
-        table = FP32_GPU_CONFIGS if fp32 else GPU_CONFIGS
-        configs = [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in table[(kind, size_class)]
-        ]
-        _TUNED[key] = triton.autotune(configs=configs, key=TUNING_KEYS)(kernel)
+        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                   for bm, bn, w, s in configs]
+        try:
+            tuner = triton.autotune(configs=configs, key=TUNING_KEYS, cache_results=True)
+        except TypeError:  # a Triton without persistent tuning results
+            tuner = triton.autotune(configs=configs, key=TUNING_KEYS)
+        _TUNED[key] = tuner(kernel)
     return _TUNED[key]

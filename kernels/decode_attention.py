@@ -26,7 +26,8 @@ import triton.language as tl
 from ..constants import LOG2E
 
 MAX_SPLITS = 128
-MIN_BLOCKS_PER_SPLIT = 2  # keep each split long enough to amortise the merge
+NO_SPLIT_MAX_BLOCKS = 4  # this few key tiles: the merge would cost more than it saves
+WAVE_EFFICIENCY_SHARE = 0.85
 MERGE_SPLIT_BLOCK = 16
 
 
@@ -178,15 +179,28 @@ def tile_config(head_dim: int, group: int, t_new: int) -> dict:
 
 
 def choose_num_splits(programs: int, key_len: int, block_n: int, sm_count: int) -> int:
-    """Split the keys only when ``programs`` (batch x K/V heads x query tiles) cannot
-    fill the GPU (flash-attention 2's 0.8-wave rule): aim at about two programs per SM,
-    each split at least ``MIN_BLOCKS_PER_SPLIT`` key tiles long. Depends on shapes
-    only (graph-safe). Not tuned on hardware yet."""
-    if programs >= 0.8 * sm_count:
+    """FlashAttention's split heuristic. No split when ``programs`` (batch x K/V heads x
+    query tiles) already fill 80% of the SMs, or when the keys span at most
+    ``NO_SPLIT_MAX_BLOCKS`` tiles; otherwise the smallest split count whose wave
+    efficiency (``waves / ceil(waves)``) is within 85% of the best one, among counts
+    that change the tiles per split. Depends on shapes only (graph-safe)."""
+    n_blocks = triton.cdiv(key_len, block_n)
+    if programs >= 0.8 * sm_count or n_blocks <= NO_SPLIT_MAX_BLOCKS:
         return 1
-    wanted = triton.cdiv(2 * sm_count, programs)
-    by_length = triton.cdiv(triton.cdiv(key_len, block_n), MIN_BLOCKS_PER_SPLIT)
-    return max(1, min(wanted, by_length, MAX_SPLITS))
+    max_splits = min(MAX_SPLITS, sm_count, n_blocks)
+
+    def eligible(n: int) -> bool:  # n splits that leave the tiles per split unchanged waste work
+        return n == 1 or triton.cdiv(n_blocks, n) != triton.cdiv(n_blocks, n - 1)
+
+    def efficiency(n: int) -> float:
+        waves = programs * n / sm_count
+        return waves / math.ceil(waves)
+
+    best = max(efficiency(n) for n in range(1, max_splits + 1) if eligible(n))
+    for n in range(1, max_splits + 1):
+        if eligible(n) and efficiency(n) >= WAVE_EFFICIENCY_SHARE * best:
+            return n
+    return 1
 
 
 def decode_attention(q, k, v, *, seqlens=None, key_mask=None, scale=None, num_splits=None,

@@ -21,10 +21,16 @@ Loop 2 (``WRITE_GRAD``) writes ``grad_scale * dloss/dz`` into ``g`` (which may b
     forward KL: alpha * tau * (q_i - p_i)            (columns >= shared: CE only)
 
 Ignored rows are skipped before any logit is read: loss 0, gradient row 0.
+A label outside ``[0, V_s)`` (labels are not value-checked on CUDA by default) is
+never used as an address: with a CE term its row's loss and gradient become NaN.
+
+``grad_scale`` is a float or a one-element fp32 tensor (read on the device, so a
+caller that divides by the number of real rows never reads that count on the host).
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -50,7 +56,8 @@ def _distill_rows_kernel(
     t_rows_ptr,                      # int64 [rows]: the teacher row of each student row
     labels_ptr, loss_ptr,            # [rows] labels in, fp32 per-row loss out
     V_s, shared, ignore_index,
-    inv_tau, tau, alpha, grad_scale,
+    inv_tau, tau, alpha, grad_scale, grad_scale_ptr,
+    SCALE_PTR: tl.constexpr,         # grad_scale comes from grad_scale_ptr[0]
     REVERSE: tl.constexpr,           # True: KL(q || p), False: KL(p || q)
     HAS_DIV: tl.constexpr,           # alpha > 0
     HAS_CE: tl.constexpr,            # alpha < 1
@@ -148,15 +155,21 @@ def _distill_rows_kernel(
             log_s_p = tl.log(s_p)
             kl = acc / s_x - tl.log(s_x) + tl.log(s_y)
             loss += alpha * tau * tau * kl
+        bad_label = (label < 0) | (label >= V_s)
         if HAS_CE:
             # lse - z_label, kept relative to the max (large logits would cancel)
             log_s_z = tl.log(s_z)
-            z_label = tl.load(z_row + label).to(tl.float32)
+            z_label = tl.load(z_row + tl.where(bad_label, 0, label)).to(tl.float32)
+            z_label = tl.where(bad_label, float("nan"), z_label)
             loss += (1.0 - alpha) * ((m_z - z_label) + log_s_z)
         tl.store(loss_ptr + row, loss)
 
         # ---- loop 2: gradient, in place ------------------------------------------
         if WRITE_GRAD:
+            if SCALE_PTR:
+                grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
+            if HAS_CE:
+                grad_scale = tl.where(bad_label, float("nan"), grad_scale)
             for start in range(0, V_s, BLOCK_V):
                 cols = start + offs
                 mask = cols < V_s
@@ -190,19 +203,26 @@ def distill_rows(z, g, teacher, teacher_rows, labels, losses, *, shared, alpha, 
     ``teacher``: a 2-D tensor whose row ``teacher_rows[r]`` holds row r's teacher
     logits (only columns ``< shared`` are read). ``labels`` ``[rows]``. Writes the
     fp32 per-row loss into ``losses`` ``[rows]`` and, if ``write_grad``,
-    ``grad_scale * dloss/dz`` into ``g`` (may be ``z``).
+    ``grad_scale * dloss/dz`` into ``g`` (may be ``z``); ``grad_scale``: a float or a
+    one-element tensor on z's device.
     """
     rows, vocab = z.shape
     if rows == 0:
         return
-    assert z.stride(1) == 1 and g.stride(1) == 1, "logit rows must be contiguous"
+    if z.stride(1) != 1 or g.stride(1) != 1:
+        raise ValueError("distill_rows needs logit rows with a unit column stride")
+    scale_ptr = isinstance(grad_scale, torch.Tensor)
+    if scale_ptr and (grad_scale.numel() != 1 or grad_scale.device != z.device):
+        raise ValueError("grad_scale must be a float or a one-element tensor on z's device")
     block = min(BLOCK_V_MAX, triton.next_power_of_2(vocab))
     _distill_rows_kernel[(rows,)](
         z, z.stride(0), g, g.stride(0),
         teacher, teacher.stride(0), teacher.stride(1), teacher_rows,
         labels, losses,
         vocab, shared, ignore_index,
-        1.0 / temperature, float(temperature), float(alpha), float(grad_scale),
+        1.0 / temperature, float(temperature), float(alpha),
+        1.0 if scale_ptr else float(grad_scale),
+        grad_scale.to(torch.float32) if scale_ptr else losses, SCALE_PTR=scale_ptr,
         REVERSE=reverse, HAS_DIV=alpha > 0.0, HAS_CE=alpha < 1.0,
         TEMPERED=float(temperature) != 1.0,
         SAME_SOFTMAX=float(temperature) == 1.0 and shared == vocab, WRITE_GRAD=write_grad,

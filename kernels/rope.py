@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 TILE_ELEMENTS = 4096  # BLOCK_L x HALF_P per head step
+ELEMENTS_PER_THREAD = 16  # x1, x2, cos, sin in fp32 at this many per thread: no spills
 
 
 @triton.jit
@@ -69,6 +70,6 @@ def rotate(x, cos, sin, table_stride_b: int, *, inverse: bool = False, out=None)
         x, out, cos, sin, x.stride(0), x.stride(1), x.stride(2),
         out.stride(0), out.stride(1), out.stride(2), seq_len, n_heads, table_stride_b,
         HALF=half, HALF_P=half_p, BLOCK_L=block_l, INVERSE=bool(inverse),
-        num_warps=4,
+        num_warps=max(1, min(8, block_l * half_p // (32 * ELEMENTS_PER_THREAD))),
     )
     return out

@@ -33,8 +33,13 @@ from ...kernels import attention_fwd as _fwd
 from ...kernels import decode_attention as _decode
 from ...kernels import distill_loss as _distill
 from ...kernels import rope as _rope
-from ...kernels.attention_setup import (MAX_GRID_YZ, interpreting, make_problem, rope_tables,
-                                        table_dtype)
+from ...kernels.attention_setup import (
+    MAX_GRID_YZ,
+    interpreting,
+    make_problem,
+    rope_tables,
+    table_dtype,
+)
 from ...spec import rope_inv_freq
 from .. import validate
 from ..dispatch import Kernel
