@@ -257,18 +257,23 @@ def rope_cases(head_dims, dtypes) -> list[Case]:
 
 # (causal, padded, rope): decoder self-attention, padded encoder, cross-attention, ...
 VARIANTS_FULL = [(True, False, True), (True, True, True), (False, True, True),
-                 (False, False, True), (False, True, False), (False, False, False)]
+                 (False, False, False)]
 # CI: the worst case (every mask and RoPE) and the one that gets the 128x128 tile
 VARIANTS_CI = [(True, True, True), (True, False, True)]
 # CI compiles these for sm_80 too (the rest only for sm_90)
 CI_SM80_KERNELS = ("_attention_fwd_kernel", "_decode_attention_split_kernel")
 
 
-def all_cases(full: bool) -> list[Case]:
+FULL_DIMS = (32, 64, 80, 96, 128, 256)
+FULL_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def all_cases(full: bool, dims=FULL_DIMS, dtypes=FULL_DTYPES) -> list[Case]:
     if full:
-        dims, dtypes = (32, 64, 80, 96, 128, 256), ("bfloat16", "float16", "float32")
-        return (attention_cases(dims, dtypes, VARIANTS_FULL) + rope_cases((64, 128), dtypes)
-                + decode_cases((64, 128, 256), dtypes) + distill_cases(dtypes))
+        return (attention_cases(dims, dtypes, VARIANTS_FULL)
+                + rope_cases([d for d in (64, 128) if d in dims] or dims[:1], dtypes)
+                + decode_cases([d for d in (64, 128, 256) if d in dims] or dims[:1], dtypes)
+                + distill_cases(dtypes))
     return (attention_cases((128,), ("bfloat16",), VARIANTS_CI)
             + rope_cases((128,), ("bfloat16",)) + decode_cases((128,), ("bfloat16",))
             + distill_cases(("bfloat16",), DISTILL_VARIANTS[:1]))
@@ -598,6 +603,10 @@ def main(argv=None) -> int:
                              "the CI subset)")
     parser.add_argument("--arch", type=int, nargs="+", default=None,
                         help="compute capabilities (default: 90 80)")
+    parser.add_argument("--dims", type=int, nargs="+", default=list(FULL_DIMS),
+                        help="head dims of --full")
+    parser.add_argument("--dtypes", nargs="+", default=list(FULL_DTYPES),
+                        choices=FULL_DTYPES, help="dtypes of --full")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--rope-loops", action="store_true",
                         help="only the RoPE vs rope=False main-loop comparison")
@@ -619,7 +628,7 @@ def main(argv=None) -> int:
         problems = []
     else:
         archs = args.arch or [90, 80]
-        cases = all_cases(args.full)
+        cases = all_cases(args.full, tuple(args.dims), tuple(args.dtypes))
         jobs = plan(cases, archs, first_config_only=not args.full,
                     secondary_kernels=None if args.full else CI_SM80_KERNELS)
         print(f"{len(jobs)} compiles ({'full' if args.full else 'CI subset'}), "

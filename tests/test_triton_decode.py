@@ -8,6 +8,8 @@ row's length shows up as NaN. Shapes follow a pairwise grid, not a full product.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -369,3 +371,143 @@ def test_decode_step_cuda_graph(backend, seed):
     q_rot = ref.append_kv_cache(q.double(), k.double(), v.double(), kc_ref, vc_ref, lens)
     expected = ref.decode_attention(q_rot, kc_ref, vc_ref, lens + 1)
     assert_close(out, expected, dtype)
+
+
+# ---- split heuristic ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("programs,key_len,sm_count", [
+    (8, 8192, 132), (32, 8192, 132), (4, 2048, 132), (106, 65536, 132), (3, 300, 8),
+    (200, 8192, 132), (4, 256, 132), (24, 4096, 108)])
+def test_split_heuristic_is_flash_attentions(programs, key_len, sm_count):
+    """No split past 80% of the SMs or within 4 key tiles; otherwise the smallest
+    eligible split count within 85% of the best wave efficiency."""
+    block_n = 64
+    n = decode_kernel.choose_num_splits(programs, key_len, block_n, sm_count)
+    blocks = -(-key_len // block_n)
+    if programs >= 0.8 * sm_count or blocks <= 4:
+        assert n == 1
+        return
+
+    def eff(s):
+        waves = programs * s / sm_count
+        return waves / -(-waves // 1)
+
+    def eligible(s):
+        return s == 1 or -(-blocks // s) != -(-blocks // (s - 1))
+
+    limit = min(decode_kernel.MAX_SPLITS, sm_count, blocks)
+    best = max(eff(s) for s in range(1, limit + 1) if eligible(s))
+    assert 1 <= n <= limit and eligible(n) and eff(n) >= 0.85 * best
+    assert all(not (eligible(s) and eff(s) >= 0.85 * best) for s in range(1, n))
+
+
+# ---- host reads in a decode step ------------------------------------------------------
+
+# Tensor methods that copy values to the host: each is a device->host sync on CUDA.
+HOST_READS = ("item", "tolist", "numpy", "cpu", "nonzero", "__bool__", "__int__", "__float__",
+              "__index__")
+
+
+class HostRead(AssertionError):
+    pass
+
+
+@pytest.fixture
+def forbid_host_reads(monkeypatch):
+    """Turn every host read of a tensor value into an error while active, and skip the
+    kernel launches themselves (the interpreter reads values on the host to emulate a
+    GPU; a real launch does not). ``active(True)`` arms it; returns the launch count."""
+    import triton.runtime.interpreter as interpreter
+
+    state = {"armed": False, "launches": 0}
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def guarded(self, *args, _name=name, _original=original, **kwargs):
+            if state["armed"]:
+                raise HostRead(f"Tensor.{_name} read a value on the host")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, guarded)
+    for name in ("nonzero", "masked_select", "unique"):
+        original = getattr(torch, name)
+
+        def guarded_fn(*args, _name=name, _original=original, **kwargs):
+            if state["armed"]:
+                raise HostRead(f"torch.{_name} reads values on the host")
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(torch, name, guarded_fn)
+    run = interpreter.InterpretedFunction.run
+
+    def launch(self, *args, **kwargs):
+        if state["armed"]:
+            state["launches"] += 1
+            return None
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", launch)
+    return state
+
+
+def _tiny_decode_setup(device, dtype=torch.float32):
+    """A random tiny encoder-decoder, its encoder output, cross K/V and a cache filled
+    by one decode step, as ``generate`` sets them up."""
+    from fastencdec import EncDecConfig, EncoderDecoderLM
+    from fastencdec.kv_cache import StaticKVCache
+
+    torch.manual_seed(0)
+    model = EncoderDecoderLM(EncDecConfig.preset("tiny")).to(device=device, dtype=dtype).eval()
+    x = torch.randint(3, 500, (2, 9), device=device)
+    mask = torch.ones(2, 9, dtype=torch.bool, device=device)
+    mask[1, 6:] = False
+    states = model.encode(x, mask)
+    cross_kv = model.cross_kv(states)
+    cache = StaticKVCache.for_model(model.config, model.config.n_decoder_layers, 2, 16,
+                                    model.embed.weight, mask_generated_pad=True)
+    tokens = torch.full((2, 1), model.config.bos_token_id, device=device)
+    model.decode_step(tokens, cache, cross_kv, mask)  # warm-up: tables, tuning, compiles
+    cache.advance(1)
+    return model, cache, cross_kv, mask, tokens
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the CUDA test below counts real syncs")
+def test_decode_step_reads_nothing_on_the_host(backend, forbid_host_reads, monkeypatch, one_thread):
+    """CPU proxy of 'no device->host sync per decode step': with the Triton backend
+    and value checks as on CUDA by default (off; FASTENCDEC_CHECKS=1 turns them on),
+    one decode step of a real model (append + decode + cross-attention per layer)
+    reads no tensor value on the host. The guard itself is shown to fire."""
+    from fastencdec.ops import validate
+
+    backend("triton")
+    monkeypatch.delenv(validate.CHECKS_ENV_VAR, raising=False)
+    # the CUDA rule of validate.values_checked: value checks only when asked for
+    monkeypatch.setattr(validate, "values_checked",
+                        lambda t: os.environ.get(validate.CHECKS_ENV_VAR) in ("1", "true", "yes"))
+    with torch.no_grad():
+        model, cache, cross_kv, mask, tokens = _tiny_decode_setup("cpu")
+        forbid_host_reads["armed"] = True
+        try:
+            with pytest.raises(HostRead):
+                bool(cache.lens.sum())
+            model.decode_step(tokens, cache, cross_kv, mask)
+        finally:
+            forbid_host_reads["armed"] = False
+    layers = model.config.n_decoder_layers
+    assert forbid_host_reads["launches"] >= 3 * layers  # append, decode, cross per layer
+
+
+@pytest.mark.gpu
+def test_decode_step_has_no_cuda_sync(backend):
+    """One decode step of a real model on CUDA under sync debug mode "error"."""
+    backend("triton")
+    with torch.no_grad():
+        model, cache, cross_kv, mask, tokens = _tiny_decode_setup("cuda", torch.bfloat16)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            logits = model.decode_step(tokens, cache, cross_kv, mask)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(logits.float()).all()
