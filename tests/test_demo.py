@@ -36,13 +36,15 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
 
 
 def test_demo_is_deterministic_for_a_seed(tmp_path, capsys):
+    """Same seed, same numbers: run once in one process and once with the students
+    trained in a second process (the default on a multi-core CPU)."""
     from fastencdec.training.demo import DemoSettings, run_demo
 
     results = []
-    for name in ("a", "b"):
+    for name, parallel in (("a", False), ("b", True)):
         s = DemoSettings.for_mode(quick=True, device="cpu", out_dir=str(tmp_path / name),
                                   seed=5, steps=4)
-        s.n_test, s.gen_new_tokens = 12, 2
+        s.n_test, s.gen_new_tokens, s.parallel = 12, 2, parallel
         results.append(run_demo(s))
     capsys.readouterr()
     assert results[0]["accuracy"] == results[1]["accuracy"]  # every number, exactly

@@ -13,8 +13,8 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 EXIT_USAGE = 2
 

@@ -38,7 +38,7 @@ from .demo_report import above_chance, plot_demo, verdicts
 from .evaluation import exact_match_score
 from .metrics import MetricsLogger
 from .objective import StudentLoss
-from .threads import choose_threads, warn_if_oversubscribed
+from .threads import available_cores, choose_threads, warn_if_oversubscribed
 from .trainer import Trainer
 
 __all__ = ["DemoSettings", "run_demo", "answer_hits", "generation_speed"]
@@ -69,9 +69,13 @@ class DemoSettings:
     # the teacher: a decoder-only model with this many layers (widths as the students;
     # None: as many as the decoder-only student)
     teacher_layers: int | None = None
-    # training (fixed steps: the same on every machine)
-    steps: int = 300
-    teacher_steps: int = 600
+    # training (fixed steps: the same on every machine). Muon (+ AdamW for embeddings,
+    # norms, biases) learns this task in far fewer steps than AdamW alone (an
+    # encoder-decoder: exact match 0.65 after 100 steps vs 0.04), for ~15% more time
+    # per step at this size; AdamW stays the trainer's CPU default.
+    optimizer: str = "muon"
+    steps: int = 100
+    teacher_steps: int = 200
     batch_size: int = 32
     lr: float = 6e-3
     teacher_lr: float | None = None
@@ -83,6 +87,7 @@ class DemoSettings:
     gen_new_tokens: int = 32
     gen_repeats: int = 7
     quick: bool = False         # a smoke run: too short to learn, so nothing is judged
+    parallel: bool = True       # on a CPU with 2+ cores, train two models at once
 
     @classmethod
     def for_mode(cls, *, quick: bool = False, size: str = "small", device: str | None = None,
@@ -112,10 +117,10 @@ class DemoSettings:
                 batch_size=64)
         if quick:
             s.__dict__.update(
-                quick=True, steps=30, teacher_steps=30, n_train=600, n_test=40, d_model=64, d_ff=128,
-                n_heads=4, n_kv_heads=2, n_encoder_layers=2, n_decoder_layers=1,
+                quick=True, steps=30, teacher_steps=30, n_train=600, n_test=40, d_model=64,
+                d_ff=128, n_heads=4, n_kv_heads=2, n_encoder_layers=2, n_decoder_layers=1,
                 teacher_layers=3, gen_new_tokens=8, gen_repeats=1, batch_size=16,
-                eval_points=3)
+                eval_points=3, parallel=False)
         if steps is not None:
             if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
                 raise ValueError(f"--steps must be an integer >= 1, got {steps!r}")
@@ -189,9 +194,10 @@ def _configs(s: DemoSettings, tok: Tokenizer):
 
 
 class _Progress:
-    """One bar over every model's steps."""
+    """One bar over every model's steps (those of a second process too)."""
 
     def __init__(self, total: int):
+        self.count = 0
         try:
             from tqdm.auto import tqdm
 
@@ -203,7 +209,13 @@ class _Progress:
         if self.bar is not None:
             self.bar.set_description(name, refresh=False)
             self.bar.set_postfix({"loss": f"{loss:.3f}"}, refresh=False)
-            self.bar.update(1)
+        self.advance(1)
+
+    def advance(self, steps: int) -> None:
+        if steps > 0:
+            self.count += steps
+            if self.bar is not None:
+                self.bar.update(steps)
 
     def write(self, line: str) -> None:
         if self.bar is not None:
@@ -217,14 +229,14 @@ class _Progress:
 
 
 def _train(name: str, model, s: DemoSettings, data, *, steps: int, lr: float, eval_batch: dict,
-           progress: _Progress, log: MetricsLogger, teacher=None):
+           on_step, teacher=None):
     cfg = TrainConfig(task="distill" if teacher is not None else "finetune", max_steps=steps,
                       lr=lr, warmup_steps=max(steps // 20, 1), alpha=s.alpha,
                       temperature=s.temperature, seed=s.seed, progress=False,
-                      weight_decay=0.0, optimizer="adamw")
+                      weight_decay=0.0, optimizer=s.optimizer)
     trainer = Trainer(model, cfg, data, teacher=teacher, device=s.device)
     t0 = time.perf_counter()
-    losses, held_out = [], [(0, held_out_ce(model, eval_batch))]
+    losses, held_out, records = [], [(0, held_out_ce(model, eval_batch))], []
     eval_every = max(steps // max(s.eval_points, 1), 1)
     for _ in range(steps):
         record = trainer.train_step()
@@ -232,15 +244,153 @@ def _train(name: str, model, s: DemoSettings, data, *, steps: int, lr: float, ev
         if record["step"] % eval_every == 0 or record["step"] == steps:
             record["held_out_ce"] = held_out_ce(model, eval_batch)
             held_out.append((record["step"], record["held_out_ce"]))
-        log.log({"model": name, **record})
-        progress.step(name, record["loss"])
+        records.append({"model": name, **record})
+        on_step(name, record["loss"])
     model.eval()
-    return losses, held_out, time.perf_counter() - t0
+    return losses, held_out, records, time.perf_counter() - t0
+
+
+@dataclass
+class _Shared:
+    """What every training job needs (picklable: a second process gets a copy)."""
+
+    settings: DemoSettings
+    tokenizer_proto: bytes
+    encoded: list
+    test: list
+    valid: list
+
+
+@dataclass
+class _Job:
+    index: int
+    name: str
+    arch: str           # "encoder_decoder" | "decoder_only"
+    config: object
+    steps: int
+    lr: float
+    distill: bool
+
+
+def _slug(name: str) -> str:
+    return name.split(":")[0].replace(", ", "-").replace(" ", "-")
+
+
+def _run_job(shared: _Shared, job: _Job, *, on_step, teacher=None) -> dict:
+    """Train, score and save one model: a pure function of the seed and the job."""
+    from ..models import DecoderOnlyLM, EncoderDecoderLM
+
+    s = shared.settings
+    device = torch.device(s.device)
+    tok = Tokenizer(shared.tokenizer_proto)
+    encoder = Seq2SeqEncoder(tok, max_source_len=384, max_target_len=8)
+    collate = Seq2SeqCollator.for_tokenizer(tok)
+    sampler = LengthBucketBatchSampler([len(e["input_ids"]) for e in shared.encoded],
+                                       s.batch_size, seed=s.seed)
+    data = BatchStream(shared.encoded, sampler, collate)  # every model: the same batches
+    eval_batch = {k: v.to(device) for k, v in collate(shared.valid).items()}
+    torch.manual_seed(s.seed + 1 + job.index)
+    cls = {"encoder_decoder": EncoderDecoderLM, "decoder_only": DecoderOnlyLM}[job.arch]
+    model = cls(job.config).to(device)
+    losses, held_out, records, seconds = _train(
+        job.name, model, s, data, steps=job.steps, lr=job.lr, eval_batch=eval_batch,
+        on_step=on_step, teacher=teacher if job.distill else None)
+    hits = answer_hits(model, tok, encoder, shared.test, device=device)
+    folder = os.path.join(s.out_dir, "models", _slug(job.name))
+    model.save_pretrained(folder)
+    tok.save(os.path.join(folder, "tokenizer.model"))
+    return {"model": model, "losses": losses, "held_out_ce": held_out, "seconds": seconds,
+            "em": sum(hits) / len(hits), "hits": hits, "params": model.num_parameters(),
+            "steps": len(losses), "records": records, "folder": folder}
+
+
+def _worker(shared: _Shared, jobs: list, counter, results) -> None:
+    """A second process: train ``jobs`` one after the other, on one thread."""
+    import traceback
+
+    torch.set_num_threads(1)
+
+    def count(name, loss):
+        with counter.get_lock():
+            counter.value += 1
+
+    for job in jobs:
+        try:
+            result = _run_job(shared, job, on_step=count)
+        except BaseException:  # report it to the main process, which raises
+            results.put(("error", job.index, traceback.format_exc()))
+            return
+        result.pop("model")
+        results.put(("done", job.index, result))
+
+
+def _use_second_process(s: DemoSettings) -> bool:
+    # two single-threaded trainings at once use both cores of a 2-core machine; the
+    # numbers do not change (each model's training depends only on its seed)
+    return (s.parallel and s.device == "cpu" and torch.get_num_threads() == 1
+            and available_cores() >= 2)
+
+
+def _train_all(s: DemoSettings, shared: _Shared, jobs: list, progress: _Progress) -> dict:
+    """The teacher and the distilled student here; the other students, which need no
+    teacher, in a second process when there are spare cores."""
+    from ..models import DecoderOnlyLM, EncoderDecoderLM
+
+    background = [j for j in jobs if j.index not in (0, 2)] if _use_second_process(s) else []
+    proc = counter = queue = None
+    if background:
+        ctx = torch.multiprocessing.get_context("spawn")
+        counter, queue = ctx.Value("i", 0), ctx.Queue()
+        proc = ctx.Process(target=_worker, args=(shared, background, counter, queue),
+                           daemon=True)
+        proc.start()
+        progress.write("-- in a second process: " + ", ".join(
+            f"{j.name} ({j.steps} steps)" for j in background))
+    seen = [0]
+
+    def on_step(name, loss):
+        progress.step(name, loss)
+        if counter is not None:
+            progress.advance(counter.value - seen[0])
+            seen[0] = counter.value
+
+    runs, teacher = {}, None
+    try:
+        for job in (j for j in jobs if j not in background):
+            progress.write(f"-- {job.name}: {job.steps} steps"
+                           + (", from the teacher" if job.distill else ""))
+            runs[job.index] = _run_job(shared, job, on_step=on_step, teacher=teacher)
+            progress.write(f"   {job.name}: exact match {runs[job.index]['em']:.3f}")
+            if job.index == 0:
+                teacher = runs[job.index]["model"]
+        while proc is not None and len(runs) < len(jobs):
+            try:
+                kind, index, payload = queue.get(timeout=0.5)
+            except Exception:  # queue.Empty: keep the bar moving
+                progress.advance(counter.value - seen[0])
+                seen[0] = counter.value
+                if not proc.is_alive() and queue.empty():
+                    raise RuntimeError("the demo's second process died without a result "
+                                       f"(exit code {proc.exitcode})") from None
+                continue
+            if kind == "error":
+                raise RuntimeError(f"training {jobs[index].name} failed in the second "
+                                   f"process:\n{payload}")
+            cls = {"encoder_decoder": EncoderDecoderLM, "decoder_only": DecoderOnlyLM}
+            payload["model"] = cls[jobs[index].arch].from_pretrained(payload["folder"],
+                                                                     device=s.device)
+            runs[index] = payload
+            progress.write(f"   {jobs[index].name}: exact match {payload['em']:.3f}")
+        progress.advance(sum(j.steps for j in jobs) - progress.count)
+    finally:
+        if proc is not None:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.terminate()
+    return {jobs[i].name: runs[i] for i in range(len(jobs))}
 
 
 def run_demo(s: DemoSettings) -> dict:
-    from ..models import DecoderOnlyLM, EncoderDecoderLM
-
     t_start = time.perf_counter()
     device = torch.device(s.device)
     threads_note = ""
@@ -249,7 +399,7 @@ def run_demo(s: DemoSettings) -> dict:
         if s.threads is None:
             why = "these models are tiny: one thread avoids synchronisation costs; --threads N"
         threads_note = f", {threads} CPU thread{'s' if threads > 1 else ''} ({why})"
-        warn_if_oversubscribed(threads)
+        warn_if_oversubscribed(threads + (1 if _use_second_process(s) else 0))
     os.makedirs(s.out_dir, exist_ok=True)
     torch.manual_seed(s.seed)
     print(f"== fastencdec demo on {device}{threads_note}; output in {os.path.abspath(s.out_dir)}")
@@ -266,52 +416,33 @@ def run_demo(s: DemoSettings) -> dict:
     tgt_len = sum(len(e["labels"]) for e in encoded) / len(encoded)
     chance = task.chance_exact_match(test)
     print(f"task: extractive QA, {s.n_train} training examples; input {src_len:.0f} tokens, "
-          f"answer {tgt_len:.1f} tokens (with EOS); tokenizer: {tok.vocab_size} pieces")
+          f"answer {tgt_len:.1f} tokens (with EOS); tokenizer: {tok.vocab_size} pieces; "
+          f"optimizer: {s.optimizer}; chance {chance:.3f}")
     ex = test[0]
     print(f"  e.g. Q: {ex['question']}  A: {ex['target']}  (context: {ex['context'][:70]}...)")
 
-    def stream() -> BatchStream:  # every model sees the same batches in the same order
-        lengths = [len(e["input_ids"]) for e in encoded]
-        sampler = LengthBucketBatchSampler(lengths, s.batch_size, seed=s.seed)
-        return BatchStream(encoded, sampler, Seq2SeqCollator.for_tokenizer(tok))
-
+    # 2. teacher, then the three students (same steps, same batches)
     student_cfg, twin_cfg, teacher_cfg = _configs(s, tok)
-    valid = encoder.encode_all(task.generate(64, split="valid"))
-    eval_batch = {k: v.to(device) for k, v in Seq2SeqCollator.for_tokenizer(tok)(valid).items()}
-    log = MetricsLogger(os.path.join(s.out_dir, "metrics.jsonl"), append=False)
-    plan = [
-        ("teacher: decoder-only", DecoderOnlyLM, teacher_cfg, s.teacher_steps, False),
-        ("encoder-decoder, CE", EncoderDecoderLM, student_cfg, s.steps, False),
-        ("encoder-decoder, distilled", EncoderDecoderLM, student_cfg, s.steps, True),
-        ("decoder-only, CE", DecoderOnlyLM, twin_cfg, s.steps, False),
+    shared = _Shared(settings=s, tokenizer_proto=tok.model_proto, encoded=encoded, test=test,
+                     valid=encoder.encode_all(task.generate(64, split="valid")))
+    teacher_lr = s.teacher_lr if s.teacher_lr is not None else s.lr
+    jobs = [
+        _Job(0, "teacher: decoder-only", "decoder_only", teacher_cfg, s.teacher_steps,
+             teacher_lr, False),
+        _Job(1, "encoder-decoder, CE", "encoder_decoder", student_cfg, s.steps, s.lr, False),
+        _Job(2, "encoder-decoder, distilled", "encoder_decoder", student_cfg, s.steps, s.lr,
+             True),
+        _Job(3, "decoder-only, CE", "decoder_only", twin_cfg, s.steps, s.lr, False),
     ]
-    progress = _Progress(sum(p[3] for p in plan))
-    runs, teacher = {}, None
+    progress = _Progress(sum(j.steps for j in jobs))
     try:
-        for i, (name, cls, cfg, steps, distill) in enumerate(plan):
-            torch.manual_seed(s.seed + 1 + i)
-            model = cls(cfg).to(device)
-            progress.write(f"-- {name}: {model.num_parameters() / 1e6:.2f}M parameters, "
-                           f"{steps} steps{', from the teacher' if distill else ''}")
-            lr = s.teacher_lr if (i == 0 and s.teacher_lr is not None) else s.lr
-            losses, held_out, seconds = _train(
-                name, model, s, stream(), steps=steps, lr=lr, eval_batch=eval_batch,
-                progress=progress, log=log, teacher=teacher if distill else None)
-            hits = answer_hits(model, tok, encoder, test, device=device)
-            em = sum(hits) / len(hits)
-            progress.write(f"   exact match {em:.3f} (chance {chance:.3f}); "
-                           f"training took {seconds:.0f}s (timing)")
-            runs[name] = {"model": model, "losses": losses, "held_out_ce": held_out,
-                          "seconds": seconds, "em": em, "hits": hits,
-                          "params": model.num_parameters(), "steps": len(losses)}
-            if i == 0:
-                teacher = model
-            slug = name.split(":")[0].replace(", ", "-").replace(" ", "-")
-            model.save_pretrained(os.path.join(s.out_dir, "models", slug))
-            tok.save(os.path.join(s.out_dir, "models", slug, "tokenizer.model"))
+        runs = _train_all(s, shared, jobs, progress)
     finally:
         progress.close()
-        log.close()
+    with MetricsLogger(os.path.join(s.out_dir, "metrics.jsonl"), append=False) as log:
+        for run in runs.values():
+            for record in run.pop("records"):
+                log.log(record)
 
     # 3. generation speed: equal-size encoder-decoder vs decoder-only, batch 1 (a timing)
     prompt = tok.pad([encoder.source_ids(test[0])])["input_ids"].to(device)

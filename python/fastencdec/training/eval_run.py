@@ -18,8 +18,9 @@ def guess_format(record: dict) -> str:
     for name, fmt in DATA_FORMATS.items():
         if fmt.generates and all(field in record for field in fmt.fields.values()):
             return name
+    choices = ", ".join(n for n, f in DATA_FORMATS.items() if f.generates)
     raise ConfigError(f"cannot tell the data format from a record with fields {sorted(record)}: "
-                      f"pass --format ({', '.join(n for n, f in DATA_FORMATS.items() if f.generates)})")
+                      f"pass --format ({choices})")
 
 
 def evaluate_saved_model(model_dir: str, data: str, *, fmt: str | None = None,

@@ -53,8 +53,8 @@ from .teacher import teacher_targets, teacher_vocab_size
 __all__ = ["Trainer", "resolve_optimizer"]
 
 OPTIMIZER_NOTES = {
-    ("auto", "cpu"): "AdamW (the default on the CPU: Muon's orthogonalisation makes a small "
-                     "model's step ~10x slower there; set optimizer: muon to use it)",
+    ("auto", "cpu"): "AdamW (the default on the CPU, where Muon's orthogonalisation makes "
+                     "each step slower; set optimizer: muon to use it)",
     ("auto", "cuda"): "Muon for hidden matrices + AdamW for embeddings/norms/biases (the "
                       "default on CUDA)",
 }
