@@ -1,167 +1,185 @@
-"""Benchmark the Triton decode kernels (cache decode and cross-attention decode).
+"""Benchmark the Triton decode kernels: cache decode (``ops.decode_attention``'s kernel,
+one new token against a full KV cache) and cross-attention decode (static encoder K/V
+with a key mask), and the KV-cache append.
 
-For each shape: median kernel time (CUDA events, L2 flushed before every timed
-run), achieved bandwidth (bytes of K/V read + q/out, + the mask in cross mode)
-against a device-to-device ``copy_`` measured in the same run, and the speed-up
-over PyTorch SDPA with K/V repeated to all query heads (the repeat is timed too:
-it is what a plain PyTorch decode step pays).
+For each shape: median kernel time (CUDA events, L2 flushed before every timed run),
+achieved bandwidth (bytes of K/V read + q/out written, + the mask in cross mode) as a
+fraction of a device-to-device ``copy_`` measured in the same run, and the speed-up
+over PyTorch SDPA with K/V repeated to every query head (the repeat is timed too: it
+is what a plain PyTorch decode step pays). Goal (issue 12): >= 80% of copy bandwidth.
 
-On a CUDA machine: B in {1, 8, 32}, Hq/Hkv 16/4 and 6/3, D 64/128, Lk in
-{512, 2048, 8192}, bf16, one new token. Without CUDA it runs one tiny fp32 shape
-through the Triton interpreter (a smoke test; its times mean nothing).
+Presets (CUDA, bf16): ``full``: B {1, 8, 32} x Hq/Hkv {16/4, 6/3} x D {64, 128} x Lk
+{512, 2048, 8192}; ``suite`` (``bench/gpu_bench.sh``, ~30 s): B {1, 32} x 16/4 x D
+{64, 128} x Lk {2048, 8192}. Without CUDA: one tiny fp32 shape through the Triton
+interpreter (a smoke test; the record says its numbers mean nothing).
 
-    python bench/bench_decode.py [--iters N] [--out bench/results/NAME.json]
+    python bench/bench_decode.py [--preset full|suite] [--repeats N]
+                                 [--results-dir DIR | --out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
-import platform
-import statistics
-import time
+import signal
+import sys
 from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness as harness  # noqa: E402
 
-import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
-
-from fastencdec.ops import triton_decode  # noqa: E402
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+GOAL_FRACTION_OF_COPY = 0.8
 
 
-def gpu_shapes():
-    for batch, (n_q, n_kv), head_dim, key_len in itertools.product(
-        (1, 8, 32), ((16, 4), (6, 3)), (64, 128), (512, 2048, 8192)
-    ):
-        yield dict(batch=batch, n_q=n_q, n_kv=n_kv, head_dim=head_dim, key_len=key_len, t_new=1)
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    p.add_argument("--preset", choices=("full", "suite"), default="full")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per point")
+    p.add_argument("--results-dir", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=None, help="JSON file (must not exist)")
+    args = p.parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device")
+    if args.repeats is None:
+        args.repeats = 50 if args.device == "cuda" else 2
+    return args
 
 
-def cpu_shapes():
-    yield dict(batch=1, n_q=6, n_kv=3, head_dim=64, key_len=128, t_new=1)
+def shapes(device: str, preset: str):
+    if device == "cpu":
+        yield dict(batch=1, n_q=6, n_kv=3, head_dim=64, key_len=128)
+        return
+    if preset == "full":
+        grid = itertools.product((1, 8, 32), ((16, 4), (6, 3)), (64, 128), (512, 2048, 8192))
+    else:
+        grid = itertools.product((1, 32), ((16, 4),), (64, 128), (2048, 8192))
+    for batch, (n_q, n_kv), head_dim, key_len in grid:
+        yield dict(batch=batch, n_q=n_q, n_kv=n_kv, head_dim=head_dim, key_len=key_len)
 
 
-class Timer:
-    """Median wall time of ``fn`` in ms: CUDA events with an L2 flush before each
-    run on the GPU, ``perf_counter`` on the CPU."""
-
-    def __init__(self, device: torch.device, iters: int):
-        self.device, self.iters = device, iters
-        self.flush = (torch.empty(256 << 20, dtype=torch.uint8, device=device)
-                      if device.type == "cuda" else None)
-
-    def __call__(self, fn) -> float:
-        fn()  # compile / warm up
-        times = []
-        for _ in range(self.iters):
-            if self.flush is not None:
-                self.flush.zero_()
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-
-
-def copy_bandwidth_gbs(device: torch.device, timer: Timer) -> float | None:
+def copy_bandwidth_gbs(device, timer) -> float | None:
     """Device-to-device ``copy_`` of 1 GiB: bytes read + written per second."""
-    if device.type != "cuda":
+    if device != "cuda":
         return None
     src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms = timer(lambda: dst.copy_(src))
-    return 2 * src.numel() / (ms * 1e-3) / 1e9
+    seconds = timer(lambda: dst.copy_(src)).median
+    return 2 * src.numel() / seconds / 1e9
 
 
-def sdpa_reference(q, k, v, mask):
+def sdpa_decode(q, k, v, mask):
     """Plain PyTorch: repeat K/V to every query head, then SDPA."""
+    import torch.nn.functional as F
+
     group = q.shape[2] // k.shape[2]
     kr = k.repeat_interleave(group, dim=2).transpose(1, 2)
     vr = v.repeat_interleave(group, dim=2).transpose(1, 2)
     attn_mask = None if mask is None else mask[:, None, None, :]
-    return F.scaled_dot_product_attention(q.transpose(1, 2), kr, vr, attn_mask=attn_mask)
+    return F.scaled_dot_product_attention(q.transpose(1, 2), kr, vr,
+                                          attn_mask=attn_mask).transpose(1, 2)
 
 
-def bench_shape(shape, mode, dtype, device, timer):
-    b, n_q, n_kv, d, lk, t = (shape[k] for k in
-                              ("batch", "n_q", "n_kv", "head_dim", "key_len", "t_new"))
-    q = torch.randn(b, t, n_q, d, device=device, dtype=dtype)
-    k = torch.randn(b, lk, n_kv, d, device=device, dtype=dtype)
-    v = torch.randn(b, lk, n_kv, d, device=device, dtype=dtype)
+def bench_shape(shape, mode, dtype, args, timer, sm_count):
+    from fastencdec.kernels import append_kv_cache as append
+    from fastencdec.kernels import decode_attention as decode
+
+    b, n_q, n_kv, d, lk = (shape[k] for k in ("batch", "n_q", "n_kv", "head_dim", "key_len"))
+    kw = dict(device=args.device, dtype=dtype)
+    q = torch.randn(b, 1, n_q, d, **kw)
+    k = torch.randn(b, lk, n_kv, d, **kw)
+    v = torch.randn(b, lk, n_kv, d, **kw)
     elt = q.element_size()
-    bytes_moved = 2 * k.numel() * elt + 2 * q.numel() * elt
+    row = dict(mode=mode, dtype=str(dtype)[6:], **shape)
+    if mode == "append":
+        lens = torch.full((b,), lk - 1, device=args.device, dtype=torch.int32)
+        kn, vn = torch.randn(b, 1, n_kv, d, **kw), torch.randn(b, 1, n_kv, d, **kw)
+        turns = torch.rand(d // 2, dtype=torch.float64, device=args.device)
+        run = lambda: append.append_kv_cache(q, kn, vn, k, v, lens, turns)  # noqa: E731
+        row["bytes"] = (2 * q.numel() + 4 * kn.numel()) * elt
+        row["ms"] = timer(run).median * 1e3
+        return row
     if mode == "decode":
-        lens = torch.full((b,), lk, device=device, dtype=torch.int32)  # full caches
+        lens = torch.full((b,), lk, device=args.device, dtype=torch.int32)  # full caches
         mask = None
-        run = lambda: triton_decode.decode_attention(q, k, v, lens)
+        run = lambda: decode.decode_attention(q, k, v, seqlens=lens,  # noqa: E731
+                                              sm_count=sm_count)
     else:
-        mask = torch.ones(b, lk, device=device, dtype=torch.bool)
-        bytes_moved += mask.numel()
-        run = lambda: triton_decode.cross_attention_decode(q, k, v, mask, None)
-    err = (run().float() - sdpa_reference(q, k, v, mask).transpose(1, 2).float()).abs().max()
-    ms = timer(run)
-    ms_sdpa = timer(lambda: sdpa_reference(q, k, v, mask))
-    return dict(mode=mode, dtype=str(dtype).replace("torch.", ""), **shape,
-                ms=ms, gbs=bytes_moved / (ms * 1e-3) / 1e9, sdpa_ms=ms_sdpa,
-                speedup_vs_sdpa=ms_sdpa / ms, max_abs_diff_vs_sdpa=float(err))
+        mask = torch.ones(b, lk, device=args.device, dtype=torch.bool)
+        run = lambda: decode.decode_attention(q, k, v, key_mask=mask,  # noqa: E731
+                                              sm_count=sm_count)
+    row["bytes"] = (k.numel() + v.numel() + 2 * q.numel()) * elt + (mask.numel() if mask
+                                                                   is not None else 0)
+    cfg = decode.tile_config(d, n_q // n_kv, 1)
+    m_tiles = -(-(n_q // n_kv) // cfg["BLOCK_M"])
+    row["splits"] = decode.choose_num_splits(b * n_kv * m_tiles, lk, cfg["BLOCK_N"], sm_count)
+    row["max_abs_diff_vs_sdpa"] = float((run().float() - sdpa_decode(q, k, v, mask).float())
+                                        .abs().max())
+    timings = {"ours": timer(run), "sdpa": timer(lambda: sdpa_decode(q, k, v, mask))}
+    row["ms"] = timings["ours"].median * 1e3
+    row["sdpa_ms"] = timings["sdpa"].median * 1e3
+    row["x_sdpa"] = row["sdpa_ms"] / row["ms"]
+    return row
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iters", type=int, default=None, help="timed runs per shape")
-    parser.add_argument("--out", type=Path, default=None, help="JSON output path")
-    args = parser.parse_args(argv)
+COLUMNS = [harness.Column("mode", "mode"), harness.Column("batch", "B"),
+           harness.Column("n_q", "Hq"), harness.Column("n_kv", "Hkv"),
+           harness.Column("head_dim", "D"), harness.Column("key_len", "Lk"),
+           harness.Column("splits", "splits"), harness.Column("ms", "ms", ".4f"),
+           harness.Column("gbs", "GB/s", ".0f"), harness.Column("frac_of_copy", "of copy", ".0%"),
+           harness.Column("sdpa_ms", "sdpa ms", ".4f"), harness.Column("x_sdpa", "x sdpa", ".2f")]
 
-    on_gpu = torch.cuda.is_available()
-    device = torch.device("cuda" if on_gpu else "cpu")
-    dtype = torch.bfloat16 if on_gpu else torch.float32  # bf16 tl.dot is broken in the interpreter
-    timer = Timer(device, args.iters or (50 if on_gpu else 2))
-    copy_gbs = copy_bandwidth_gbs(device, timer)
-    device_name = torch.cuda.get_device_name(device) if on_gpu else (
-        f"cpu ({platform.processor() or platform.machine()}), Triton interpreter")
 
-    rows = []
-    for shape in (gpu_shapes() if on_gpu else cpu_shapes()):
-        for mode in ("decode", "cross"):
-            row = bench_shape(shape, mode, dtype, device, timer)
-            row["frac_of_copy_bw"] = row["gbs"] / copy_gbs if copy_gbs else None
-            rows.append(row)
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
+    run = harness.Run("decode", device=args.device, out=args.out, results_dir=args.results_dir)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    timer = harness.Timer(warmup=3, repeats=args.repeats, device=args.device,
+                          l2_flush_bytes=(256 << 20) if args.device == "cuda" else 0)
+    copy_gbs = copy_bandwidth_gbs(args.device, timer)
+    sm_count = (torch.cuda.get_device_properties(0).multi_processor_count
+                if args.device == "cuda" else 8)
+    print(f"decode on {run.meta['device_name']}, {str(dtype)[6:]}; copy_ bandwidth "
+          + (f"{copy_gbs:.0f} GB/s" if copy_gbs else "n/a"), flush=True)
+    rows, interrupted = [], None
 
-    header = (f"{'mode':<7}{'B':>4}{'Hq/Hkv':>8}{'D':>5}{'Lk':>6}{'ms':>10}{'GB/s':>9}"
-              f"{'%copy':>7}{'sdpa ms':>10}{'x sdpa':>8}")
-    print(f"device: {device_name}; copy_ bandwidth: "
-          + (f"{copy_gbs:.0f} GB/s" if copy_gbs else "n/a (no GPU)"))
-    print(header)
-    for r in rows:
-        frac = f"{100 * r['frac_of_copy_bw']:.0f}" if r["frac_of_copy_bw"] else "-"
-        print(f"{r['mode']:<7}{r['batch']:>4}{r['n_q']:>4}/{r['n_kv']:<3}{r['head_dim']:>5}"
-              f"{r['key_len']:>6}{r['ms']:>10.4f}{r['gbs']:>9.1f}{frac:>7}"
-              f"{r['sdpa_ms']:>10.4f}{r['speedup_vs_sdpa']:>8.2f}")
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
 
-    result = dict(
-        benchmark="decode_attention", device=device_name, smoke=not on_gpu,
-        torch=torch.__version__, triton=triton.__version__,
-        copy_bandwidth_gbs=copy_gbs, iters=timer.iters, rows=rows,
-    )
-    out = args.out or RESULTS_DIR / f"decode-{'cuda' if on_gpu else 'cpu-smoke'}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        for shape in shapes(args.device, args.preset):
+            for mode in ("decode", "cross", "append"):
+                row = bench_shape(shape, mode, dtype, args, timer, sm_count)
+                row["gbs"] = row["bytes"] / (row["ms"] * 1e-3) / 1e9
+                row["frac_of_copy"] = row["gbs"] / copy_gbs if copy_gbs else None
+                rows.append(row)
+                print(harness.format_table([row], COLUMNS).splitlines()[-1], flush=True)
+    except KeyboardInterrupt as exc:  # a timeout: keep what was measured
+        interrupted = str(exc) or "interrupted"
+        print(f"stopped ({interrupted}); writing the {len(rows)} rows measured", flush=True)
+    if rows:
+        print(harness.format_table(rows, COLUMNS))
+    decode_rows = [r for r in rows if r["mode"] == "decode" and r["frac_of_copy"] is not None]
+    best = max((r["frac_of_copy"] for r in decode_rows), default=None)
+    goal = {"value_best": best, "goal": GOAL_FRACTION_OF_COPY,
+            "met": None if best is None else best >= GOAL_FRACTION_OF_COPY}
+    if best is not None:
+        print(f"goal decode >= {GOAL_FRACTION_OF_COPY:.0%} of copy bandwidth: best {best:.0%} "
+              f"{'met' if goal['met'] else 'NOT met'}")
+    path = run.finish({"preset": args.preset, "repeats": args.repeats,
+                       "copy_bandwidth_gbs": copy_gbs, "sm_count": sm_count, "goal": goal,
+                       "interrupted": interrupted, "rows": rows})
+    print(f"wrote {path}")
+    return 1 if interrupted else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,13 +5,19 @@ RoPE stays out of the inner loops: the launcher rotates Q and K once
 (``rope.rotate``); the kernels see rotated tiles, do one full-width dot per tile,
 and turn dQ/dK back through the inverse rotation in their store epilogue.
 
-Three kernels, all deterministic (no atomics):
+Three kernels, deterministic by default (no atomics):
 - ``_attention_bwd_preprocess_kernel``: ``delta_i = sum_d dO[i, d] * O[i, d]``;
 - ``_attention_bwd_dkdv_kernel``: one program per (key tile, K/V head, batch); it
   loops over the query heads of its group and their query tiles, so the group's
   contributions are summed in registers. Works on transposed tiles ``[keys, queries]``;
 - ``_attention_bwd_dq_kernel``: one program per (query tile, query head, batch),
   looping over key tiles in the forward's two phases.
+
+``deterministic=False`` (FlashAttention-2 style): the dK/dV kernel also adds each
+key tile's share of dQ (``dS^T K``) into an fp32 buffer with atomics, and the dQ
+kernel (which recomputes ``Q K^T`` and ``P`` a second time: ~1.4x the matmul work)
+is not launched; the buffer is scaled and turned back through the inverse rotation
+by the RoPE pass. The summation order of dQ then varies from run to run.
 
 With ``P = softmax(s)``, ``s = scale * q.k``: ``dV = P^T dO``, ``dS = P * (dO V^T - delta)``,
 ``dQ = scale * dS K``, ``dK = scale * dS^T Q``. Gradients of the rotated q/k go back
@@ -27,7 +33,7 @@ from ..constants import LOG2E
 from . import rope
 from .attention_fwd import key_tile_phases, mask_tile
 from .attention_setup import launch, seq_bucket, side_inputs, static_args, strides3
-from .rope_tile import load_2d, load_split, store_2d, store_unrotated_split
+from .rope_tile import load_2d, load_split, split_columns, store_2d, store_unrotated_split
 
 
 @triton.jit
@@ -56,11 +62,12 @@ def _attention_bwd_preprocess_kernel(
 
 @triton.jit
 def _dkdv_tiles(
-    dk, dv, k, v, offs_n,
-    q_base, do_base, lse_base, delta_base, stride_ql, stride_dol,
-    lo, len_q, qk_scale,
+    dk, dv, k, v, offs_n, key_real,
+    q_base, do_base, lse_base, delta_base, dq_base, stride_ql, stride_dol, stride_dql,
+    lo, len_q, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, HEAD_P: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
-    BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Accumulate dK/dV of one key tile over the (rotated) query tiles from ``lo`` on.
 
@@ -68,6 +75,7 @@ def _dkdv_tiles(
     does) multiplies the pipelined loops inside the head loop and made ptxas spill."""
     offs_d = tl.arange(0, HEAD_P)
     d_ok = offs_d < HEAD_DIM
+    cols, cols_ok = split_columns(HALF, HALF_P)
     for start_m in range(lo, len_q, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -81,29 +89,37 @@ def _dkdv_tiles(
         ok = m_ok[None, :]
         if CAUSAL:
             ok = ok & (offs_m[None, :] >= offs_n[:, None])
+        if ATOMIC_DQ and HAS_PAD:  # padded keys' dK/dV are zeroed later; their dQ share here
+            ok = ok & key_real[:, None]
         p_t = tl.where(ok, tl.exp2(s_t * qk_scale - lse[None, :]), 0.0)  # [BLOCK_N, BLOCK_M]
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
         dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)
+        if ATOMIC_DQ:  # this key tile's share of dQ (split-halves layout), fp32 atomics
+            dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION) * sm_scale
+            tl.atomic_add(dq_base + offs_m[:, None] * stride_dql + cols[None, :], dq,
+                          mask=m_ok[:, None] & cols_ok[None, :])
     return dk, dv
 
 
 @triton.jit
 def _attention_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, COS, SIN, PAD, KV_RANGE,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, COS, SIN, PAD, KV_RANGE,
     stride_qb, stride_ql, stride_qh,
     stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh,
     stride_dob, stride_dol, stride_doh,
     stride_dkb, stride_dkl, stride_dkh,
     stride_dvb, stride_dvl, stride_dvh,
+    stride_dqb, stride_dql, stride_dqh,
     stride_pad_b, table_stride_b,
     n_q_heads, len_q, len_k, qk_scale, sm_scale,
     seq_bucket,  # only an autotuning key
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_P: tl.constexpr,
     HALF: tl.constexpr, HALF_P: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, ROPE: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,  # also add dQ into DQ_ACC (fp32) with atomics
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)  # grid (key tiles, K/V heads, batch)
@@ -123,11 +139,13 @@ def _attention_bwd_dkdv_kernel(
                 + offs_d[None, :], n_ok, d_ok, True, HEAD_DIM != HEAD_P)
 
     n_heads_here = GROUP
+    key_real = n_ok
     if HAS_PAD:
         kv_lo = tl.load(KV_RANGE + 2 * b)
         kv_hi = tl.load(KV_RANGE + 2 * b + 1)
         live = (start_n < kv_hi) & (start_n + BLOCK_N > kv_lo)
         n_heads_here = tl.where(live, GROUP, 0)  # a tile of padding only: skip all work
+        key_real = tl.load(PAD + b64 * stride_pad_b + offs_n, mask=n_ok, other=0) != 0
 
     dk = tl.zeros([BLOCK_N, 2 * HALF_P], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_P], dtype=tl.float32)
@@ -139,17 +157,18 @@ def _attention_bwd_dkdv_kernel(
         h = kvh * GROUP + g
         q_base = Q + b64 * stride_qb + h * stride_qh
         do_base = DO + b64 * stride_dob + h * stride_doh
+        dq_base = DQ_ACC + b64 * stride_dqb + h * stride_dqh
         row0 = (b64 * n_q_heads + h) * len_q
         dk, dv = _dkdv_tiles(
-            dk, dv, k, v, offs_n, q_base, do_base, LSE + row0, DELTA + row0,
-            stride_ql, stride_dol, q_lo, len_q, qk_scale,
-            HEAD_DIM, HEAD_P, HALF, HALF_P, BLOCK_M, CAUSAL, DOT_PRECISION)
+            dk, dv, k, v, offs_n, key_real, q_base, do_base, LSE + row0, DELTA + row0,
+            dq_base, stride_ql, stride_dol, stride_dql, q_lo, len_q, qk_scale, sm_scale,
+            HEAD_DIM, HEAD_P, HALF, HALF_P, BLOCK_M, CAUSAL, HAS_PAD, ATOMIC_DQ,
+            DOT_PRECISION)
 
     dk = dk * sm_scale
     if HAS_PAD:  # padded keys are never seen: their gradients are exactly 0
-        real = tl.load(PAD + b64 * stride_pad_b + offs_n, mask=n_ok, other=0) != 0
-        dk = tl.where(real[:, None], dk, 0.0)
-        dv = tl.where(real[:, None], dv, 0.0)
+        dk = tl.where(key_real[:, None], dk, 0.0)
+        dv = tl.where(key_real[:, None], dv, 0.0)
     store_unrotated_split(DK + b64 * stride_dkb + kvh * stride_dkh, dk, offs_n, stride_dkl,
                           n_ok, COS, SIN, table_row0 + offs_n, HALF, HALF_P, ROPE)
     dv_ptrs = DV + b64 * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvl \
@@ -251,10 +270,12 @@ def _attention_bwd_dq_kernel(
 PREPROCESS_BLOCK_M = 64
 
 
-def attention_bwd(grad_out, q, k, v, out, lse, problem, *, need_dq: bool, need_dkv: bool):
+def attention_bwd(grad_out, q, k, v, out, lse, problem, *, need_dq: bool, need_dkv: bool,
+                  deterministic: bool = True):
     """Launch the backward: ``(dq, dk, dv)`` w.r.t. the inputs before RoPE (None for the
     ones not needed). Every tensor needs a unit stride on head_dim; ``problem.scale > 0``.
-    With RoPE, Q and K are rotated here once (temporary copies)."""
+    With RoPE, Q and K are rotated here once (temporary copies). ``deterministic=False``
+    accumulates dQ with fp32 atomics in the dK/dV kernel (see the module doc)."""
     if problem.scale <= 0:
         raise ValueError(f"attention_bwd needs scale > 0, got {problem.scale}")
     batch, len_q, n_heads, head_dim = q.shape
@@ -274,18 +295,32 @@ def attention_bwd(grad_out, q, k, v, out, lse, problem, *, need_dq: bool, need_d
     )
 
     dq = dk = dv = None
-    if need_dkv:
+    atomic = need_dq and not deterministic
+    if need_dkv or atomic:
         dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        dq_acc = (torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic
+                  else delta)  # never touched without atomics
+        dq_strides = strides3(dq_acc) if atomic else (0, 0, 0)
         args = (
-            q, k, v, grad_out, lse, delta, dk, dv, cos, sin, pad, key_range,
+            q, k, v, grad_out, lse, delta, dk, dv, dq_acc, cos, sin, pad, key_range,
             *strides3(q), *strides3(k), *strides3(v), *strides3(grad_out),
-            *strides3(dk), *strides3(dv), stride_pad_b, problem.table_stride_b,
+            *strides3(dk), *strides3(dv), *dq_strides, stride_pad_b, problem.table_stride_b,
             n_heads, len_q, len_k, qk_scale, problem.scale, bucket,
         )
-        launch(_attention_bwd_dkdv_kernel, "dkdv", args, static,
-               lambda bm, bn: (triton.cdiv(len_k, bn), n_kv_heads, batch))
-    if need_dq:
+        launch(_attention_bwd_dkdv_kernel, "dkdv", args, {**static, "ATOMIC_DQ": atomic},
+               lambda bm, bn: (triton.cdiv(len_k, bn), n_kv_heads, batch),
+               reset_to_zero=["DQ_ACC"] if atomic else None)
+        if atomic:  # the accumulator holds dQ of the rotated q, already scaled
+            dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            if problem.cos is not None:
+                rope.rotate(dq_acc, problem.cos, problem.sin, problem.table_stride_b,
+                            inverse=True, out=dq)
+            else:
+                dq.copy_(dq_acc)
+        if not need_dkv:
+            dk = dv = None
+    if need_dq and not atomic:
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         args = (
             q, k, v, grad_out, lse, delta, dq, cos, sin, pad, key_range,

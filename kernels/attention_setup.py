@@ -140,14 +140,17 @@ def seq_bucket(len_q: int, len_k: int) -> int:
     return triton.next_power_of_2(len_q) * 1_000_000 + triton.next_power_of_2(len_k)
 
 
-def launch(kernel, kind: str, args, static: dict, grid_for) -> None:
-    """Fixed small tiles under the interpreter; autotuned configs on a GPU."""
+def launch(kernel, kind: str, args, static: dict, grid_for, reset_to_zero=None) -> None:
+    """Fixed small tiles under the interpreter; autotuned configs on a GPU.
+    ``reset_to_zero``: argument names the kernel accumulates into (zeroed between the
+    autotuner's trial runs)."""
     if interpreting():
         block_m, block_n = INTERPRETER_BLOCKS[kind]
         kernel[grid_for(block_m, block_n)](*args, **static, BLOCK_M=block_m, BLOCK_N=block_n)
         return
     tuned = _tuned(kernel, kind, static["HEAD_DIM"], fp32=static["DOT_PRECISION"] == "ieee",
-                   causal=static["CAUSAL"], has_pad=static["HAS_PAD"])
+                   causal=static["CAUSAL"], has_pad=static["HAS_PAD"],
+                   reset_to_zero=tuple(reset_to_zero or ()))
     tuned[lambda meta: grid_for(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **static)
 
 
@@ -220,18 +223,21 @@ def gpu_configs(kind: str, head_dim: int, *, fp32: bool, causal: bool,
 _TUNED: dict[tuple, object] = {}
 
 
-def _tuned(kernel, kind: str, head_dim: int, *, fp32: bool, causal: bool, has_pad: bool):
+def _tuned(kernel, kind: str, head_dim: int, *, fp32: bool, causal: bool, has_pad: bool,
+           reset_to_zero: tuple = ()):
     """The autotuned wrapper of ``kernel`` for one problem variant. Tuning results are
     kept in Triton's cache directory (``cache_results``) where this Triton has it, so a
     new process does not re-tune."""
     configs = gpu_configs(kind, head_dim, fp32=fp32, causal=causal, has_pad=has_pad)
-    key = (kind, tuple(configs))
+    key = (kind, tuple(configs), reset_to_zero)
     if key not in _TUNED:
         configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                    for bm, bn, w, s in configs]
+        keys = TUNING_KEYS + (["ATOMIC_DQ"] if kind == "dkdv" else [])
+        options = dict(configs=configs, key=keys, reset_to_zero=list(reset_to_zero) or None)
         try:
-            tuner = triton.autotune(configs=configs, key=TUNING_KEYS, cache_results=True)
+            tuner = triton.autotune(**options, cache_results=True)
         except TypeError:  # a Triton without persistent tuning results
-            tuner = triton.autotune(configs=configs, key=TUNING_KEYS)
+            tuner = triton.autotune(**options)
         _TUNED[key] = tuner(kernel)
     return _TUNED[key]

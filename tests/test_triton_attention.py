@@ -177,6 +177,73 @@ def test_cross_attention_matches_reference(
     assert kernel_calls == {"fwd": 1, "bwd": 1}
 
 
+# (L, head_dim, (Hq, Hkv), causal, mask, positions, which inputs need grad)
+NONDETERMINISTIC_CASES = [
+    (77, 32, (4, 2), True, "left", "tensor", "qkv"),
+    (40, 80, (6, 3), False, "empty_row", "offset", "q"),
+    (129, 64, (8, 1), True, None, None, "qk"),
+]
+
+
+@pytest.mark.parametrize("seq_len,head_dim,heads,causal,mask_kind,pos_kind,needs",
+                         NONDETERMINISTIC_CASES)
+def test_nondeterministic_backward_matches_reference(seed, kernel_calls, seq_len, head_dim,
+                                                     heads, causal, mask_kind, pos_kind, needs):
+    """deterministic=False: dQ accumulated with atomics inside the dK/dV kernel (no dQ
+    kernel), also when only q needs a gradient."""
+    batch, (n_q, n_kv) = 2, heads
+    q = rand(batch, seq_len, n_q, head_dim, device=DEVICE)
+    k = rand(batch, seq_len, n_kv, head_dim, device=DEVICE)
+    v = rand(batch, seq_len, n_kv, head_dim, device=DEVICE)
+    kw = dict(causal=causal, key_padding_mask=_mask(mask_kind, batch, seq_len),
+              positions=_positions(pos_kind, batch, seq_len))
+    original = attention_bwd._attention_bwd_dq_kernel
+    leaves = [t.clone().requires_grad_(name in needs) for name, t in zip("qkv", (q, k, v))]
+    grad_out = rand(*q.shape, device=DEVICE)
+    out = ops.self_attention(*leaves, deterministic=False, **kw)
+    try:
+        attention_bwd._attention_bwd_dq_kernel = None  # launching it would fail
+        out.backward(grad_out)
+    finally:
+        attention_bwd._attention_bwd_dq_kernel = original
+    ref_leaves = [t.double().requires_grad_(name in needs) for name, t in zip("qkv", (q, k, v))]
+    ref.self_attention(*ref_leaves, **kw).backward(grad_out.double())
+    for name, got, want in zip("qkv", leaves, ref_leaves, strict=True):
+        if name in needs:
+            assert_close(got.grad, want.grad, F32, grad=True, name=f"d{name}")
+        else:
+            assert got.grad is None
+    assert kernel_calls == {"fwd": 1, "bwd": 1}
+
+
+def test_nondeterministic_cross_attention_and_bad_flag(seed):
+    q = rand(2, 9, 4, 64, device=DEVICE).requires_grad_()
+    k = rand(2, 30, 2, 64, device=DEVICE).requires_grad_()
+    mask = _mask("right", 2, 30)
+    out = ops.cross_attention(q, k, k, key_padding_mask=mask, deterministic=False)
+    out.backward(torch.ones_like(out))
+    q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    ref.cross_attention(q64, k64, k64, key_padding_mask=mask).backward(
+        torch.ones(out.shape, dtype=torch.float64))
+    assert_close(q.grad, q64.grad, F32, grad=True, name="dq")
+    assert_close(k.grad, k64.grad, F32, grad=True, name="dk")
+    with pytest.raises(TypeError, match="deterministic"):
+        ops.self_attention(q, q, q, causal=True, deterministic="no")
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0])
+def test_non_positive_scale(seed, kernel_calls, scale):
+    """The kernels need a positive scale (row max before scaling): a scale <= 0 is
+    folded into q, and dq turned back the same way."""
+    q = rand(2, 33, 4, 32, device=DEVICE)
+    k = rand(2, 33, 2, 32, device=DEVICE)
+    v = rand(2, 33, 2, 32, device=DEVICE)
+    _compare("self_attention", q, k, v, F32, causal=True, scale=scale,
+             key_padding_mask=_mask("left", 2, 33), positions=4)
+    _compare("cross_attention", q, k, v, F32, scale=scale)
+    assert kernel_calls == {"fwd": 2, "bwd": 2}
+
+
 def test_masked_rows_give_exact_zeros(seed):
     """Left padding + causal leaves the first queries of row 0 with no key; row 1 is
     all padding. Their outputs and every gradient they cause are exactly 0."""

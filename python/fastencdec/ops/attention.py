@@ -17,6 +17,12 @@ from . import dispatch, library, validate
 __all__ = ["self_attention", "cross_attention", "decode_attention", "append_kv_cache"]
 
 
+def _deterministic(value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(value).__name__}")
+    return value
+
+
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -40,6 +46,7 @@ def self_attention(
     scale: float | None = None,
     rope_scaling_factor: float = 1.0,
     max_position_embeddings: int | None = None,
+    deterministic: bool = True,
 ) -> torch.Tensor:
     """Fused RoPE + GQA self-attention with autograd.
 
@@ -50,6 +57,8 @@ def self_attention(
     ``rope``: a :class:`fastencdec.Rope`, True (built from ``rope_theta``,
     ``rope_scaling_factor``, ``max_position_embeddings``) or False (no RoPE).
     ``scale`` defaults to ``1/sqrt(D)``. A query with no visible key returns zeros.
+    ``deterministic=False`` lets the backward accumulate dQ with atomics (faster on a
+    GPU; the last bits of dQ then vary between runs).
     """
     head_dim = validate.qkv(q, k, v, same_len=True)
     batch, seq_len = q.shape[0], q.shape[1]
@@ -60,7 +69,8 @@ def self_attention(
     args = (q, k, v, key_padding_mask, pos, offset, bool(causal),
             validate.scale(scale, head_dim), spec)
     if _needs_grad(q, k, v):
-        return library.call("self_attention_with_lse", *args)[0]
+        return library.call("self_attention_with_lse", *args,
+                            _deterministic(deterministic))[0]
     return _run("self_attention", args)
 
 
@@ -71,14 +81,17 @@ def cross_attention(
     *,
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    deterministic: bool = True,
 ) -> torch.Tensor:
     """Decoder queries ``[B, Lq, Hq, D]`` against static encoder K/V ``[B, Lk, Hkv, D]``
-    (no RoPE, ``Lq`` and ``Lk`` independent), optional encoder mask ``[B, Lk]``. Autograd."""
+    (no RoPE, ``Lq`` and ``Lk`` independent), optional encoder mask ``[B, Lk]``. Autograd;
+    ``deterministic`` as in :func:`self_attention`."""
     head_dim = validate.qkv(q, k, v, same_len=False)
     validate.key_padding_mask(key_padding_mask, q.shape[0], k.shape[1], q.device)
     args = (q, k, v, key_padding_mask, validate.scale(scale, head_dim))
     if _needs_grad(q, k, v):
-        return library.call("cross_attention_with_lse", *args)[0]
+        return library.call("cross_attention_with_lse", *args,
+                            _deterministic(deterministic))[0]
     return _run("cross_attention", args)
 
 

@@ -80,7 +80,7 @@ OPS["append_kv_cache"].register_fake(lambda q, *rest: _like(q))
 
 @OPS["attention_backward"].register_fake
 def _(grad_out, q, k, v, *rest):
-    need_dq, need_dkv = rest[-2], rest[-1]
+    need_dq, need_dkv = rest[-3], rest[-2]  # (..., need_dq, need_dkv, deterministic)
     return (_grad_or_empty(q, need_dq), _grad_or_empty(k, need_dkv),
             _grad_or_empty(v, need_dkv))
 
@@ -110,12 +110,14 @@ def _attention_setup(self_attn: bool):
         out, lse = output
         q, k, v = inputs[:3]
         ctx.mark_non_differentiable(lse)
-        if self_attn:  # (q, k, v, mask, positions, offset, causal, scale, *rope)
+        if self_attn:  # (q, k, v, mask, positions, offset, causal, scale, *rope, deterministic)
             mask, positions = inputs[3], inputs[4]
             ctx.scalars = (inputs[5], inputs[6], inputs[7]) + tuple(inputs[8:13])
-        else:  # (q, k, v, mask, scale)
+            ctx.deterministic = inputs[13]
+        else:  # (q, k, v, mask, scale, deterministic)
             mask, positions = inputs[3], None
             ctx.scalars = (0, False, inputs[4], False, 10000.0, 1.0, 0, -1)
+            ctx.deterministic = inputs[5]
         ctx.save_for_backward(q, k, v, out, lse, mask, positions)
     return setup_context
 
@@ -127,7 +129,7 @@ def _attention_backward(ctx, grad_out, grad_lse):
     offset, causal, scale, *rope = ctx.scalars
     dq, dk, dv = torch.ops.fastencdec.attention_backward(
         grad_out.contiguous(), q, k, v, out, lse, mask, positions, offset, causal, scale,
-        *rope, need_dq, need_dkv)
+        *rope, need_dq, need_dkv, ctx.deterministic)
     n_rest = len(ctx.needs_input_grad) - 3
     return ((dq if need_dq else None), (dk if need_dkv else None),
             (dv if need_dkv else None)) + (None,) * n_rest

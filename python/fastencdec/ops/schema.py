@@ -65,6 +65,9 @@ _ATTN_QKV = "q: Tensor, k: Tensor, v: Tensor"
 _SELF = (_ATTN_QKV + ", key_padding_mask: Tensor?, positions: Tensor?, position_offset: int, "
          "causal: bool, scale: float, rope: Rope?")
 _CROSS = _ATTN_QKV + ", key_padding_mask: Tensor?, scale: float"
+# Training ops also say how the backward may accumulate dQ (False: atomics, faster,
+# run-to-run differences in the last bits).
+_DETERMINISTIC = ", deterministic: bool"
 _DISTILL = ("alpha: float, temperature: float, reverse: bool, ignore_index: int")
 
 SCHEMAS: dict[str, OpSchema] = {s.name: s for s in (
@@ -73,16 +76,16 @@ SCHEMAS: dict[str, OpSchema] = {s.name: s for s in (
              doc="rotate x [B, L, H, D] (inverse: the transpose)"),
     OpSchema("self_attention", _args(_SELF), "Tensor",
              doc="fused RoPE + GQA self-attention, inference"),
-    OpSchema("self_attention_with_lse", _args(_SELF), "(Tensor, Tensor)",
+    OpSchema("self_attention_with_lse", _args(_SELF + _DETERMINISTIC), "(Tensor, Tensor)",
              doc="self-attention returning (out, lse) for training"),
     OpSchema("cross_attention", _args(_CROSS), "Tensor",
              doc="queries against static encoder K/V, inference"),
-    OpSchema("cross_attention_with_lse", _args(_CROSS), "(Tensor, Tensor)",
+    OpSchema("cross_attention_with_lse", _args(_CROSS + _DETERMINISTIC), "(Tensor, Tensor)",
              doc="cross-attention returning (out, lse) for training"),
     OpSchema("attention_backward",
              _args("grad_out: Tensor, " + _SELF.replace("key_padding_mask", "out: Tensor, "
                                                        "lse: Tensor, key_padding_mask")
-                   + ", need_dq: bool, need_dkv: bool"),
+                   + ", need_dq: bool, need_dkv: bool" + _DETERMINISTIC),
              "(Tensor, Tensor, Tensor)",
              doc="(dq, dk, dv) w.r.t. the inputs before RoPE; unrequested ones are empty"),
     OpSchema("decode_attention",

@@ -29,7 +29,9 @@ def self_attention(q, k, v, mask, positions, offset, causal, scale, rope, with_l
                               with_lse=with_lse)
 
 
-def self_attention_with_lse(q, k, v, mask, positions, offset, causal, scale, rope):
+def self_attention_with_lse(q, k, v, mask, positions, offset, causal, scale, rope,
+                            deterministic):
+    del deterministic  # the reference is deterministic anyway
     return self_attention(q, k, v, mask, positions, offset, causal, scale, rope, with_lse=True)
 
 
@@ -37,7 +39,8 @@ def cross_attention(q, k, v, mask, scale, with_lse=False):
     return ref.cross_attention(q, k, v, key_padding_mask=mask, scale=scale, with_lse=with_lse)
 
 
-def cross_attention_with_lse(q, k, v, mask, scale):
+def cross_attention_with_lse(q, k, v, mask, scale, deterministic):
+    del deterministic
     return cross_attention(q, k, v, mask, scale, with_lse=True)
 
 
@@ -46,9 +49,9 @@ def _empty(t: torch.Tensor) -> torch.Tensor:
 
 
 def attention_backward(grad_out, q, k, v, out, lse, mask, positions, offset, causal, scale,
-                       rope, need_dq, need_dkv):
+                       rope, need_dq, need_dkv, deterministic):
     """The written-out backward of the reference (recomputes the probabilities)."""
-    del out, lse  # the recomputation needs neither
+    del out, lse, deterministic  # the recomputation needs neither; it is deterministic
     dq, dk, dv = ref.attention_backward(grad_out, q, k, v, causal=causal, key_padding_mask=mask,
                                         positions=_positions(positions, offset), rope=rope,
                                         scale=scale)

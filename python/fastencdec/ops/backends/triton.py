@@ -80,7 +80,9 @@ def _positive_scale(q, scale):
     return torch.zeros_like(q), 1.0  # scale 0: every visible key weighs the same
 
 
-def self_attention_with_lse(q, k, v, mask, positions, offset, causal, scale, rope):
+def self_attention_with_lse(q, k, v, mask, positions, offset, causal, scale, rope,
+                            deterministic=True):
+    del deterministic  # the forward has no atomics
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     q, scale = _positive_scale(q, scale)
     problem = make_problem(q, mask, scale, causal=causal, positions=positions, offset=offset,
@@ -92,7 +94,8 @@ def self_attention(q, k, v, mask, positions, offset, causal, scale, rope):
     return self_attention_with_lse(q, k, v, mask, positions, offset, causal, scale, rope)[0]
 
 
-def cross_attention_with_lse(q, k, v, mask, scale):
+def cross_attention_with_lse(q, k, v, mask, scale, deterministic=True):
+    del deterministic
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     q, scale = _positive_scale(q, scale)
     return _fwd.attention_fwd(q, k, v, make_problem(q, mask, scale, causal=False))
@@ -106,19 +109,20 @@ def cross_attention(q, k, v, mask, scale):
 
 
 def attention_backward(grad_out, q, k, v, out, lse, mask, positions, offset, causal, scale,
-                       rope, need_dq, need_dkv):
+                       rope, need_dq, need_dkv, deterministic=True):
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     sign = 1.0 if scale > 0 else (-1.0 if scale < 0 else 0.0)
     q, scale = _positive_scale(q, scale)
     problem = make_problem(q, mask, scale, causal=causal, positions=positions, offset=offset,
                            rope=rope)
     dq, dk, dv = _bwd.attention_bwd(_unit_last(grad_out), q, k, v, out, lse, problem,
-                                    need_dq=need_dq, need_dkv=need_dkv)
+                                    need_dq=need_dq, need_dkv=need_dkv,
+                                    deterministic=deterministic)
     if dq is not None and sign != 1.0:
         dq.mul_(sign)  # d/dq of (sign * q): sign * dq'
-    empty = q.new_empty(0)
-    return (empty if dq is None else dq, empty if dk is None else dk,
-            empty if dv is None else dv)
+    # unrequested gradients: distinct empty tensors (a custom op's outputs may not alias)
+    return (q.new_empty(0) if dq is None else dq, k.new_empty(0) if dk is None else dk,
+            v.new_empty(0) if dv is None else dv)
 
 
 # --------------------------------------------------------------------------- decode
