@@ -38,6 +38,7 @@ from .demo_report import above_chance, plot_demo, verdicts
 from .evaluation import exact_match_score
 from .metrics import MetricsLogger
 from .objective import StudentLoss
+from .run_dir import public_file_modes
 from .threads import available_cores, choose_threads, warn_if_oversubscribed
 from .trainer import Trainer
 
@@ -299,6 +300,7 @@ def _run_job(shared: _Shared, job: _Job, *, on_step, teacher=None) -> dict:
     folder = os.path.join(s.out_dir, "models", _slug(job.name))
     model.save_pretrained(folder)
     tok.save(os.path.join(folder, "tokenizer.model"))
+    public_file_modes(folder)
     return {"model": model, "losses": losses, "held_out_ce": held_out, "seconds": seconds,
             "em": sum(hits) / len(hits), "hits": hits, "params": model.num_parameters(),
             "steps": len(losses), "records": records, "folder": folder}

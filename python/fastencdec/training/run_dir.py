@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 
-__all__ = ["RUN_ARTIFACTS", "TRAINER_ARTIFACTS", "OutputDirError", "prepare_output_dir"]
+__all__ = ["RUN_ARTIFACTS", "TRAINER_ARTIFACTS", "public_file_modes", "OutputDirError",
+           "prepare_output_dir"]
 
 # what the trainer writes into its output_dir
 TRAINER_ARTIFACTS = ("checkpoints", "metrics.jsonl", "metrics.csv", "eval_metrics.csv",
@@ -55,3 +56,15 @@ def prepare_output_dir(out_dir: str | os.PathLike, *, resume: bool, overwrite: b
     raise OutputDirError(f"output_dir {out_dir} is not empty ({shown}): resume the run in it "
                          "(--resume auto), start over there (--overwrite), or choose another "
                          "output_dir")
+
+
+def public_file_modes(directory: str | os.PathLike) -> None:
+    """Give the files in ``directory`` the mode a new file gets (``0666 & ~umask``):
+    files written through temporary files may be private (0600), and a saved model
+    should be as readable as anything else the user creates."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            os.chmod(path, 0o666 & ~umask)

@@ -46,7 +46,7 @@ from .interrupt import StopOnSignal, TrainingInterrupted
 from .metrics import IntervalMeans, MetricsLogger, ProgressBar, format_log_line
 from .objective import StudentLoss, sample_student_targets
 from .optim import build_optimizer
-from .run_dir import prepare_output_dir
+from .run_dir import prepare_output_dir, public_file_modes
 from .schedule import WarmupCosineSchedule
 from .teacher import teacher_targets, teacher_vocab_size
 
@@ -92,17 +92,6 @@ def _to_device(value, device: torch.device):
     if isinstance(value, (list, tuple)):
         return type(value)(_to_device(v, device) for v in value)
     return value
-
-
-def _public_file_modes(directory: str) -> None:
-    # files written via temporary files may be private (0600); a saved model should
-    # be as readable as any other file the user creates
-    umask = os.umask(0)
-    os.umask(umask)
-    for name in os.listdir(directory):
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            os.chmod(path, 0o666 & ~umask)
 
 
 class Trainer:
@@ -587,7 +576,7 @@ class Trainer:
         elif self.dist.is_main:
             student.save_pretrained(directory)
         if self.dist.is_main:
-            _public_file_modes(directory)
+            public_file_modes(directory)
         barrier()
 
     def close(self) -> None:
