@@ -153,8 +153,9 @@ def attention_cases(head_dims, dtypes, variants) -> list[Case]:
                                                           scale, spec)
                     out = _empty(*q.shape, dtype=dt)
                     lse = _empty(batch, hq, seq, dtype=torch.float32)
-                    tb.attention_backward(out, q, k, k, out, lse, mask, None, 0, causal, scale,
-                                          spec, True, True)
+                    for deterministic in (True, False):  # False: dQ by atomics in dK/dV
+                        tb.attention_backward(out, q, k, k, out, lse, mask, None, 0, causal,
+                                              scale, spec, True, True, deterministic)
 
                 tag = ("causal" if causal else "bidir") + ("+pad" if padded else "") \
                     + ("+rope" if rope else "")

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ..constants import LOG2E
 from . import rope
-from .attention_fwd import key_tile_phases, mask_tile
+from .attention_fwd import heaviest_first, key_tile_phases, mask_tile
 from .attention_setup import launch, seq_bucket, side_inputs, static_args, strides3
 from .rope_tile import load_2d, load_split, split_columns, store_2d, store_unrotated_split
 
@@ -122,9 +122,12 @@ def _attention_bwd_dkdv_kernel(
     ATOMIC_DQ: tl.constexpr,  # also add dQ into DQ_ACC (fp32) with atomics
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)  # grid (key tiles, K/V heads, batch)
-    kvh = tl.program_id(1)
-    b = tl.program_id(2)
+    if CAUSAL:  # grid (key tiles, K/V heads, batch); the first key tiles see the most queries
+        pid_n, kvh, b = heaviest_first(False)
+    else:
+        pid_n = tl.program_id(0)
+        kvh = tl.program_id(1)
+        b = tl.program_id(2)
     b64 = b.to(tl.int64)
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -220,11 +223,12 @@ def _attention_bwd_dq_kernel(
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, ROPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)  # grid (query tiles, heads, batch)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    if CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m
+    if CAUSAL:  # grid (query tiles, heads, batch); the last query tiles see the most keys
+        pid_m, h, b = heaviest_first(True)
+    else:
+        pid_m = tl.program_id(0)
+        h = tl.program_id(1)
+        b = tl.program_id(2)
     pid_bh = b * n_q_heads + h
     kvh = h // GROUP
     b64 = b.to(tl.int64)

@@ -56,6 +56,23 @@ def mask_tile(x, fill, offs_m, offs_n, n_ok, pad_ptr,
 
 
 @triton.jit
+def heaviest_first(LAST_IS_HEAVIEST: tl.constexpr):
+    """``(tile, head, batch)`` of this program for a causal grid ``(tiles, heads, batch)``,
+    ordered so that the whole grid starts with its longest tiles (the last query tiles;
+    for dK/dV the first key tiles): the tile index varies slowest over the launch order,
+    so short tiles fill the gaps at the end instead of long ones running alone."""
+    n_tiles = tl.num_programs(0)
+    n_heads = tl.num_programs(1)
+    lin = tl.program_id(0) + n_tiles * (tl.program_id(1) + n_heads * tl.program_id(2))
+    per_tile = n_heads * tl.num_programs(2)
+    tile = lin // per_tile
+    rest = lin % per_tile
+    if LAST_IS_HEAVIEST:
+        tile = n_tiles - 1 - tile
+    return tile, rest % n_heads, rest // n_heads
+
+
+@triton.jit
 def key_tile_phases(start_m, kv_lo, kv_hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     CAUSAL: tl.constexpr):
     """Key tiles for the query rows ``[start_m, start_m + BLOCK_M)``: those starting in
@@ -120,11 +137,12 @@ def _attention_fwd_kernel(
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Grid (query tiles, heads, batch): neighbouring programs share K/V in L2.
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
     if CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m  # longest rows first: better load balance
+        pid_m, h, b = heaviest_first(True)  # longest rows first: better load balance
+    else:
+        pid_m = tl.program_id(0)
+        h = tl.program_id(1)
+        b = tl.program_id(2)
     pid_bh = b * n_q_heads + h
     kvh = h // GROUP
     b64 = b.to(tl.int64)
