@@ -68,9 +68,11 @@ def test_missing_config_file(capsys, tmp_path):
     one_line_error(capsys, rc, "fastencdec train: error:", "run config not found", "nope.yaml")
 
 
-def test_debug_shows_the_traceback(tmp_path):
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_traceback(tmp_path, where):
+    argv = ["train", "--config", str(tmp_path / "nope.yaml")]
     with pytest.raises(FileNotFoundError):
-        cli.main(["train", "--config", str(tmp_path / "nope.yaml"), "--debug"])
+        cli.main(["--debug", *argv] if where == "before" else [*argv, "--debug"])
 
 
 def test_bad_yaml_names_the_file_and_line(capsys, tmp_path):
