@@ -3,26 +3,28 @@
 ``to_inference(model, "fp32" | "bf16" | "int8")`` converts a model in place for CPU
 inference (eval mode, no gradients) and returns it:
 
-``fp32``  every weight fp32; ``nn.Linear`` (MKL sgemm/sgemv). Activations fp32.
-``bf16``  linear and embedding weights bf16 (the tied LM head shares the bf16
-          embedding); ``nn.Linear`` on bf16 runs oneDNN's AVX512_BF16 GEMM/GEMV.
-          Activations bf16; RMSNorm weights stay fp32 and the norm computes in fp32.
-``int8``  every ``nn.Linear`` -- attention projections, MLP and the LM head (its own
-          int8 copy; the embedding stays fp32 for the lookup) -- becomes an
-          :class:`Int8Linear`: int8 weights, symmetric per output channel
-          (``scale[n] = max_k |w[n, k]| / 127``, zero point 0), fp32 scales and bias.
-          Activations stay fp32 in and out; inside, the rows are quantised dynamically
-          (see :class:`Int8Linear` for the library path per row count).
+``fp32``  every weight fp32, ``nn.Linear`` (MKL sgemm/sgemv); the LM head stays tied.
+          Activations fp32.
+``bf16``  every ``nn.Linear`` (attention, MLP and the LM head, which gets its own copy
+          of the embedding) becomes a :class:`Bf16Linear`: bf16 weights held only in
+          oneDNN's packed layout (AVX512_BF16 GEMM/GEMV), bf16 bias. The embedding is
+          bf16 for the lookup. Activations bf16.
+``int8``  every ``nn.Linear`` (the LM head too, its own copy; the embedding stays fp32
+          for the lookup) becomes an :class:`Int8Linear`: int8 weights, symmetric per
+          output channel (``scale[n] = max_k |w[n, k]| / 127``, zero point 0), held
+          only in fbgemm's packed layout; fp32 scales and bias. Activations fp32 in and
+          out; each row is quantised to uint8 on the fly (see :class:`Int8Linear`).
 
-The paths were chosen by measurement (``bench/bench_linear_cpu.py``): the fastest
-path PyTorch ships for each format and regime whose error stays within the format's
-own quantisation error.
+In every format RMSNorm weights stay fp32 and the norm computes in fp32. The library
+paths were chosen by measurement (``bench/bench_linear_cpu.py``): per format the
+fastest path PyTorch ships, at decode (M = 1-8 rows) and encoder (M = 512) sizes, whose
+error stays within the format's own rounding. A packed weight is the only copy (no
+plain weight is kept beside it): ``state_dict()`` unpacks it, loading packs it.
 
-``save_inference(model, dir)`` writes ``model.safetensors`` (int8 weights + scales
-for ``int8``; tied tensors stored once) with the format in the file's metadata, plus
-``config.json``; ``load_inference(dir)`` rebuilds the converted model from them
-(never unpickling anything) and also converts a float checkpoint written by
-``save_pretrained`` when given ``dtype``.
+``save_inference(model, dir)`` writes ``model.safetensors`` (int8 weights + scales for
+``int8``) with the format in the file's metadata, plus ``config.json``;
+``load_inference(dir)`` rebuilds the converted model (never unpickling anything) and
+also converts a float checkpoint written by ``save_pretrained`` when given ``dtype``.
 """
 
 from __future__ import annotations
@@ -38,26 +40,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .layers import RMSNorm
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME, _replace_atomically
 
 FORMATS = ("fp32", "bf16", "int8")
 FORMAT_KEY = "fastencdec_weight_format"  # safetensors metadata: the format
 TIED_KEY = "fastencdec_tied"  # safetensors metadata: JSON {alias: stored name}
-_ACT_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
-
-# Row counts M (= tokens in one call) up to this run the int8 GEMV path, above it the
-# GEMM path; see Int8Linear.
-INT8_GEMV_MAX_ROWS = 8
-
-
-def _quantized_weight_tensor(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """A per-channel qint8 tensor over ``q`` (PyTorch's quantized-tensor API, which
-    its fbgemm linear ops take; it warns about a future deprecation, not an error)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch._make_per_channel_quantized_tensor(
-            q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
 
 
 def quantize_per_channel(weight: torch.Tensor, name: str = "weight"):
@@ -76,129 +63,244 @@ def quantize_per_channel(weight: torch.Tensor, name: str = "weight"):
     return q, scale
 
 
-class Int8Linear(nn.Module):
-    """``y = x @ (q * scale[:, None]).T + bias`` with int8 ``q`` per output channel.
+class _PackedLinear(nn.Module):
+    """A linear layer whose weights exist only in a library's packed layout.
 
-    Buffers (what is saved): ``weight`` int8 ``[N, K]``, ``weight_scale`` fp32 ``[N]``,
-    ``bias`` fp32 ``[N]`` or None. Input and output fp32, any leading dims.
+    ``state_dict()`` holds them unpacked (plain tensors: ``packed_dtypes`` gives their
+    names and dtypes) and loading a state dict packs them again, so checkpoints stay
+    plain tensors; copies and pickles also go through the plain tensors. Read access:
+    ``unpacked()`` (new tensors on every call). Subclasses implement ``_pack(**plain)``
+    and ``_unpack() -> dict``."""
 
-    Two paths from the same stored weights, by the number of rows ``M`` in a call
-    (measured in ``bench/bench_linear_cpu.py``):
+    packed_dtypes: dict[str, torch.dtype]
 
-    - ``M <= INT8_GEMV_MAX_ROWS`` (decoding): weight-only. The input is rounded to
-      bf16 and PyTorch's int8-weight kernel (``_weight_int8pack_mm``) accumulates in
-      fp32; scales and bias are applied in fp32. Memory-bound: it reads 1 byte per
-      weight.
-    - larger ``M`` (the encoder, cross-attention K/V of a whole input): dynamic
-      quantisation. Each row is rounded to uint8 on its own symmetric grid
-      (``max |x_row| / 127.5`` per step) and fbgemm's AVX512-VNNI/AVX2 GEMM
-      (``quantized.linear_dynamic``, weights packed once, lazily) does int8 x uint8
-      with int32 accumulation.
-
-    Either way a row's result does not depend on the other rows (bitwise: a batch
-    equals its rows alone, within one path) nor on the thread count; a row holding
-    NaN gives NaN, one holding Inf non-finite values (as fp32 ``F.linear``).
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 device=None):
+    def __init__(self, in_features: int, out_features: int, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8,
-                                                   device=device))
-        self.register_buffer("weight_scale", torch.ones(out_features, device=device))
+        self._packed = None
+        self._empty_device = torch.device(device or "cpu")  # for unpacked() before pack()
+
+    def _shape(self, name: str) -> tuple[int, ...]:
+        return (self.out_features, self.in_features) if name == "weight" else (self.out_features,)
+
+    def _pack(self, **plain):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _unpack(self) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def pack(self, **plain: torch.Tensor) -> None:
+        """Set the weights from plain CPU tensors (all of ``packed_dtypes``' names)."""
+        if set(plain) != set(self.packed_dtypes):
+            raise ValueError(f"{type(self).__name__}.pack takes {sorted(self.packed_dtypes)}, "
+                             f"got {sorted(plain)}")
+        for name, value in plain.items():
+            want = (self.packed_dtypes[name], self._shape(name))
+            if not isinstance(value, torch.Tensor) or (value.dtype, tuple(value.shape)) != want:
+                got = (value.dtype, tuple(value.shape)) if isinstance(value, torch.Tensor) \
+                    else type(value).__name__
+                raise ValueError(f"{type(self).__name__}: {name} must be {want[0]} of shape "
+                                 f"{want[1]}, got {got}")
+            if value.device.type != "cpu":
+                raise ValueError(f"{type(self).__name__} runs on the CPU; {name} is on "
+                                 f"{value.device}")
+        self._packed = self._pack(**{k: v.detach().contiguous() for k, v in plain.items()})
+
+    def unpacked(self) -> dict[str, torch.Tensor]:
+        if self._packed is None:  # built empty (e.g. on meta to be loaded), never packed
+            return {name: torch.empty(self._shape(name), dtype=dtype, device=self._empty_device)
+                    for name, dtype in self.packed_dtypes.items()}
+        return self._unpack()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The plain weight ``[out, in]`` (unpacked: a new tensor on every access)."""
+        return self.unpacked()["weight"]
+
+    def _check_input(self, x: torch.Tensor, dtype: torch.dtype) -> None:
+        if x.dtype != dtype or x.shape[-1:] != (self.in_features,) or x.device.type != "cpu":
+            raise ValueError(f"{type(self).__name__}: expected a CPU {dtype} input "
+                             f"[..., {self.in_features}], got {x.dtype} {tuple(x.shape)} "
+                             f"on {x.device}")
+        if self._packed is None:
+            raise RuntimeError(f"{type(self).__name__} has no weights (built empty, never "
+                               f"loaded)")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, value in self.unpacked().items():
+            destination[prefix + name] = value
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+        plain = {}
+        for name in self.packed_dtypes:
+            key = prefix + name
+            if key in unexpected_keys:
+                unexpected_keys.remove(key)
+            if key in state_dict:
+                plain[name] = state_dict[key]
+            else:
+                missing_keys.append(key)
+        if len(plain) == len(self.packed_dtypes):
+            try:
+                self.pack(**plain)
+            except ValueError as e:
+                error_msgs.append(f"{prefix}: {e}")
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_packed"] = None if self._packed is None else self._unpack()
+        return state
+
+    def __setstate__(self, state):
+        plain = state.pop("_packed")
+        super().__setstate__(state)
+        self._packed = None
+        if plain is not None:
+            self.pack(**plain)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
+
+
+def _quantized_weight_tensor(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """A per-channel qint8 tensor over ``q``: the form fbgemm's linear ops take (quantized
+    tensors are slated for deprecation in PyTorch; the ops are what is used here)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch._make_per_channel_quantized_tensor(
+            q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+
+
+class Int8Linear(_PackedLinear):
+    """``y = x @ (q * weight_scale[:, None]).T + bias`` with int8 ``q`` per output channel.
+
+    State: ``weight`` int8 ``[N, K]`` and ``weight_scale`` fp32 ``[N]`` (both held in
+    fbgemm's packed weight), ``bias`` fp32 ``[N]`` or None. Input and output fp32, any
+    leading dims.
+
+    Each row of ``x`` is rounded to uint8 on its own symmetric grid (step
+    ``max |x_row| / 127.5``) and fbgemm's AVX512-VNNI/AVX2 GEMM multiplies the uint8
+    activations by the int8 weights with int32 accumulation
+    (``quantized.linear_dynamic``); measured fastest for int8 at M = 1 (GEMV) and
+    M = 512 alike. That op quantises per tensor, so the rows are first scaled to
+    max |x| = 1 and one anchor row spanning [-1, 1] is appended: the tensor's range is
+    then always [-1, 1], every row gets the same fixed grid whatever the other rows
+    hold, and the results are scaled back. So a row's result is bitwise the same alone
+    or in any batch and on any thread count; a NaN/Inf row gives NaN.
+    """
+
+    packed_dtypes = {"weight": torch.int8, "weight_scale": torch.float32}
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
+        super().__init__(in_features, out_features, device)
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
-        self._key = self._packed = self._unit_scales = self._anchor_rows = None
+        self._anchor = None  # built with the pack, on the CPU
 
     @classmethod
     def from_float(cls, linear: nn.Linear, name: str = "linear") -> Int8Linear:
         q, scale = quantize_per_channel(linear.weight, f"{name}.weight")
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                     device=linear.weight.device)
-        module.weight, module.weight_scale = q, scale
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None)
         if linear.bias is not None:
             module.bias = linear.bias.detach().float().clone()
+        module.pack(weight=q, weight_scale=scale)
         return module
 
-    def __getstate__(self):  # copies/pickles repack lazily instead of copying the pack
-        state = self.__dict__.copy()
-        state["_key"] = state["_packed"] = state["_unit_scales"] = state["_anchor_rows"] = None
-        return state
+    def _pack(self, weight, weight_scale):
+        if not bool((weight_scale > 0).all()) or not bool(torch.isfinite(weight_scale).all()):
+            raise ValueError("Int8Linear: weight_scale must be finite and > 0")
+        anchor = torch.zeros(1 if self.in_features > 1 else 2, self.in_features)
+        anchor.view(-1)[:2] = torch.tensor([-1.0, 1.0])  # rows spanning exactly [-1, 1]
+        self._anchor = anchor
+        return torch.ops.quantized.linear_prepack(_quantized_weight_tensor(weight, weight_scale),
+                                                  None)
+
+    def _unpack(self):
+        q = torch.ops.quantized.linear_unpack(self._packed)[0]
+        return {"weight": q.int_repr(), "weight_scale": q.q_per_channel_scales().float()}
+
+    @property
+    def weight_scale(self) -> torch.Tensor:
+        return self.unpacked()["weight_scale"]
 
     def dequantized_weight(self) -> torch.Tensor:
-        return self.weight.float() * self.weight_scale[:, None]
-
-    def _prepare(self) -> None:
-        """Derived state, rebuilt only when a buffer was replaced or changed in place:
-        the weight made contiguous and 64-byte aligned (the GEMV kernel's aligned loads
-        need it; tensors loaded from a file may sit at any offset), the fbgemm pack
-        dropped (rebuilt on the next GEMM)."""
-        key = tuple((t.data_ptr(), t._version) for t in (self.weight, self.weight_scale))
-        if self._key == key:
-            return
-        if self.weight.device.type != "cpu":
-            raise ValueError(f"Int8Linear runs on the CPU; its weight is on "
-                             f"{self.weight.device}")
-        if self.weight.dtype != torch.int8 or self.weight.shape != (self.out_features,
-                                                                    self.in_features):
-            raise ValueError(f"Int8Linear: weight must be int8 [{self.out_features}, "
-                             f"{self.in_features}], got {self.weight.dtype} "
-                             f"{tuple(self.weight.shape)}")
-        if not self.weight.is_contiguous() or self.weight.data_ptr() % 64:
-            self.weight = self.weight.contiguous().clone()
-        self._packed = None
-        self._unit_scales = torch.ones(self.out_features, dtype=torch.bfloat16)
-        self._anchor_rows = torch.zeros(1 if self.in_features > 1 else 2, self.in_features)
-        self._anchor_rows.view(-1)[:2] = torch.tensor([-1.0, 1.0])  # spans exactly [-1, 1]
-        self._key = tuple((t.data_ptr(), t._version) for t in (self.weight, self.weight_scale))
+        plain = self.unpacked()
+        return plain["weight"].float() * plain["weight_scale"][:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32 or x.shape[-1:] != (self.in_features,):
-            raise ValueError(f"Int8Linear: expected fp32 input [..., {self.in_features}], "
-                             f"got {x.dtype} {tuple(x.shape)}")
-        self._prepare()
+        self._check_input(x, torch.float32)
         x2 = x.reshape(-1, self.in_features)
         m = x2.shape[0]
         if m == 0:
             return x.new_zeros(*x.shape[:-1], self.out_features)
-        # The GEMV kernel reads 16 values of K at a time with aligned loads.
-        gemv = m <= INT8_GEMV_MAX_ROWS and self.in_features % 16 == 0
-        y = self._gemv(x2) if gemv else self._gemm(x2)
+        r = torch.linalg.vector_norm(x2, float("inf"), dim=1, keepdim=True)
+        # x / r lies in [-1, 1]; rows with r = 0, NaN or Inf give NaN here, zeroed so that
+        # they cannot disturb the GEMM, and come back as bias (r = 0) or NaN (r * 0).
+        xs = torch.cat([torch.div(x2, r).nan_to_num_(0.0, 0.0, 0.0), self._anchor])
+        y = torch.ops.quantized.linear_dynamic(xs, self._packed, False)[:m]
+        y = y.mul_(r) if self.bias is None else torch.addcmul(self.bias, y, r)
         return y.view(*x.shape[:-1], self.out_features)
 
-    def _gemv(self, x2: torch.Tensor) -> torch.Tensor:
-        """Weight-only: PyTorch's int8-weight kernel (vectorised for bf16 inputs; unit
-        scales) streams the int8 weights once per 4 rows and accumulates in fp32; the
-        fp32 scales and bias are applied after. The bf16 copy of x is a new (aligned)
-        tensor."""
-        x_bf16 = x2.to(torch.bfloat16, memory_format=torch.contiguous_format)
-        acc = torch._weight_int8pack_mm(x_bf16, self.weight, self._unit_scales)
-        if self.bias is None:
-            return torch.mul(acc, self.weight_scale)
-        return torch.addcmul(self.bias, acc, self.weight_scale)
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", weight=int8 per-channel (fbgemm)"
 
-    def _gemm(self, x2: torch.Tensor) -> torch.Tensor:
-        """Dynamic quantisation: uint8 activations x int8 weights in fbgemm's VNNI GEMM.
 
-        Per-row grids through a per-tensor API: each row is scaled to max |x| = 1 and
-        anchor rows make the tensor's range exactly [-1, 1], so every row gets the same
-        fixed uint8 grid whatever the other rows hold. A NaN/Inf row is zeroed here and
-        becomes NaN when scaled back."""
-        if self._packed is None:
-            self._packed = torch.ops.quantized.linear_prepack(
-                _quantized_weight_tensor(self.weight, self.weight_scale), None)
-        m = x2.shape[0]
-        r = torch.linalg.vector_norm(x2, float("inf"), dim=1, keepdim=True)
-        r.clamp_(min=torch.finfo(torch.float32).tiny)
-        xs = x2.new_empty(m + self._anchor_rows.shape[0], self.in_features)
-        torch.div(x2, r, out=xs[:m]).nan_to_num_(0.0, 0.0, 0.0)
-        xs[m:] = self._anchor_rows
-        y = torch.ops.quantized.linear_dynamic(xs, self._packed, False)[:m]
-        return y.mul_(r) if self.bias is None else torch.addcmul(self.bias, y, r)
+def _mkldnn_bf16() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+class Bf16Linear(_PackedLinear):
+    """``y = x @ weight.T + bias`` in bf16 (fp32 accumulation inside oneDNN).
+
+    State: ``weight`` bf16 ``[N, K]``, ``bias`` bf16 ``[N]`` or None. Input and output
+    bf16. The weight is held in oneDNN's packed layout (``mkldnn._linear_pointwise``:
+    measured 1.1-1.9x faster than ``F.linear`` on the same bf16 weights, GEMV and GEMM
+    alike); on a CPU where oneDNN has no bf16 kernel it stays plain for ``F.linear``.
+    """
+
+    packed_dtypes = {"weight": torch.bfloat16}
+    _BATCH_HINT = 8  # oneDNN picks the packed layout for this M; fine for 1..512 rows
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
+        super().__init__(in_features, out_features, device)
+        bias_t = torch.zeros(out_features, dtype=torch.bfloat16, device=device) if bias else None
+        self.register_buffer("bias", bias_t)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, name: str = "linear") -> Bf16Linear:
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        if linear.bias is not None:
+            module.bias = linear.bias.detach().to(torch.bfloat16).clone()
+        module.pack(weight=linear.weight.detach().to(torch.bfloat16))
+        return module
+
+    def _pack(self, weight):
+        if _mkldnn_bf16():
+            return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), self._BATCH_HINT)
+        return weight.clone()
+
+    def _unpack(self):
+        return {"weight": self._packed.to_dense() if self._packed.is_mkldnn
+                else self._packed.clone()}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x, torch.bfloat16)
+        if not self._packed.is_mkldnn:
+            return F.linear(x, self._packed, self.bias)
+        if x.shape[0] == 0 or x.numel() == 0:
+            return x.new_zeros(*x.shape[:-1], self.out_features)
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, weight=int8 per-channel")
+        return super().extra_repr() + ", weight=bf16 (oneDNN packed)"
+
+
+_MODULES = {"bf16": Bf16Linear, "int8": Int8Linear}
+_EMBED_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
 
 
 # -- conversion ---------------------------------------------------------------------------
@@ -209,57 +311,52 @@ def _check_dtype_arg(dtype) -> str:
 
 
 def weight_format(model: nn.Module) -> str | None:
-    """The format a model's weights are in: "int8" if it holds Int8Linear modules,
-    else "bf16"/"fp32" when every linear and embedding parameter has that dtype and
-    every other parameter (the norms) is fp32; None for any other mix."""
-    if any(isinstance(m, Int8Linear) for m in model.modules()):
-        return "int8"
-    main = {id(p): p.dtype for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding))
-            for p in m.parameters(recurse=False)}
-    rest = {p.dtype for p in model.parameters() if id(p) not in main}
-    main = set(main.values())
-    if rest <= {torch.float32}:
-        for fmt in ("bf16", "fp32"):
-            if main == {_ACT_DTYPE[fmt]}:
-                return fmt
+    """The inference format of ``model``: "int8" / "bf16" when it holds Int8Linear /
+    Bf16Linear modules, "fp32" when every parameter is fp32, else None (e.g. a model
+    cast to bf16 with ``.to()``: a float model, not yet converted)."""
+    for fmt, cls in _MODULES.items():
+        if any(isinstance(m, cls) for m in model.modules()):
+            return fmt
+    if all(p.dtype == torch.float32 for p in model.parameters()):
+        return "fp32"
     return None
 
 
 def _convert(model: nn.Module, fmt: str, *, quantize: bool) -> None:
-    """Swap modules/dtypes for ``fmt``. ``quantize=False`` builds the structure only
-    (empty Int8Linear buffers on the weights' device, e.g. ``meta``, for loading)."""
+    """Swap modules/dtypes for ``fmt``. ``quantize=False`` builds the structure only:
+    empty modules on the model's device (``meta`` when loading), filled by a state dict."""
     named = dict(model.named_modules())
     for name, module in named.items():
-        if fmt == "int8" and isinstance(module, nn.Linear):
+        if fmt in _MODULES and isinstance(module, nn.Linear):
+            cls = _MODULES[fmt]
             if quantize:
-                new = Int8Linear.from_float(module, name)
+                new = cls.from_float(module, name)
             else:
-                new = Int8Linear(module.in_features, module.out_features,
-                                 module.bias is not None, device=module.weight.device)
-            parent_name, _, child = name.rpartition(".")
-            setattr(named[parent_name] if parent_name else model, child, new)
-        elif isinstance(module, (nn.Linear, nn.Embedding)):
-            dtype = torch.bfloat16 if fmt == "bf16" else torch.float32
-            for p_name, p in list(module.named_parameters(recurse=False)):
-                if p.dtype != dtype:  # a tied weight converted once stays shared
-                    p.data = p.data.to(dtype)
-        elif isinstance(module, RMSNorm) or fmt != "bf16":
+                new = cls(module.in_features, module.out_features, module.bias is not None,
+                          device=module.weight.device)
+            parent, _, child = name.rpartition(".")
+            setattr(named[parent] if parent else model, child, new)
+        else:
+            dtype = _EMBED_DTYPE[fmt] if isinstance(module, nn.Embedding) else torch.float32
             for p in module.parameters(recurse=False):
-                p.data = p.data.float()  # norms compute in fp32 whatever the format
+                if p.dtype != dtype:  # a tied weight converted once stays shared
+                    p.data = p.data.to(dtype)  # norms (and fp32 linears) in fp32
 
 
 def to_inference(model: nn.Module, dtype: str = "int8") -> nn.Module:
     """Convert ``model`` (on the CPU) in place to the inference format ``dtype``
     ("fp32", "bf16" or "int8"; see the module docstring) and return it in eval mode
-    with gradients off. An int8 model cannot be converted again."""
+    with gradients off. A model already in ``dtype`` is left as it is; one in another
+    inference format is refused (convert the float model instead)."""
     fmt = _check_dtype_arg(dtype)
     devices = {t.device.type for t in list(model.parameters()) + list(model.buffers())}
     if devices - {"cpu"}:
         raise ValueError(f"to_inference: the formats are for CPU inference; the model is "
                          f"on {sorted(devices)} (move it with .cpu() first)")
     current = weight_format(model)
-    if current == "int8" and fmt != "int8":
-        raise ValueError(f"the model is already int8; convert to {fmt!r} from a float model")
+    if current in _MODULES and current != fmt:
+        raise ValueError(f"the model is already converted to {current}; convert the float "
+                         f"model to {fmt!r} instead")
     if current != fmt:
         _convert(model, fmt, quantize=True)
     model.requires_grad_(False)
@@ -286,8 +383,8 @@ def save_inference(model: nn.Module, directory: str | os.PathLike) -> None:
     The file is written under a temporary name and renamed into place."""
     fmt = weight_format(model)
     if fmt is None:
-        raise ValueError(f"save_inference: the model's weights are not in one of the formats "
-                         f"{FORMATS}; convert it with to_inference first")
+        raise ValueError(f"save_inference: the model is not in one of the formats {FORMATS}; "
+                         f"convert it with to_inference first")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     stored, tied = _split_tied(model.state_dict())
@@ -304,7 +401,7 @@ def _model_class(config_path: Path):
 
     try:
         arch = json.loads(config_path.read_text()).get("architecture")
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, AttributeError) as e:
         raise ValueError(f"{config_path}: not a readable JSON config ({e})") from None
     classes = {c.config_class.architecture: c for c in (EncoderDecoderLM, DecoderOnlyLM)}
     if arch not in classes:
@@ -335,9 +432,8 @@ def load_inference(directory: str | os.PathLike, dtype: str | None = None) -> nn
         raise ValueError(f"{weights}: unknown weight format {stored_fmt!r}; expected one of "
                          f"{FORMATS}")
     if dtype is not None and dtype != stored_fmt:
-        if stored_fmt == "int8":
-            raise ValueError(f"{directory} holds int8 weights; it cannot be loaded as {dtype!r}")
-        return to_inference(load_inference(directory), dtype)
+        raise ValueError(f"{directory} holds {stored_fmt} weights; it cannot be loaded as "
+                         f"{dtype!r} (convert the float checkpoint instead)")
     try:
         tied = json.loads(meta.get(TIED_KEY, "{}"))
     except ValueError:
@@ -364,21 +460,14 @@ def load_inference(directory: str | os.PathLike, dtype: str | None = None) -> nn
             raise ValueError(f"{weights}: {key} is {got.dtype} {tuple(got.shape)}, expected "
                              f"{want.dtype} {tuple(want.shape)} for the {stored_fmt} format")
     model.load_state_dict(state, strict=True, assign=True)
-    for alias, source in tied.items():  # assign=True loaded the same tensor twice: re-share
-        _set_tensor(model, alias, _get_tensor(model, source))
+    for alias, source in tied.items():  # assign=True made two parameters: share one
+        owner, _, attr = alias.rpartition(".")
+        src_owner, _, src_attr = source.rpartition(".")
+        setattr(model.get_submodule(owner), attr,
+                getattr(model.get_submodule(src_owner), src_attr))
     model.requires_grad_(False)
     return model.eval()
 
 
-def _get_tensor(model: nn.Module, key: str):
-    owner, _, attr = key.rpartition(".")
-    return getattr(model.get_submodule(owner), attr)
-
-
-def _set_tensor(model: nn.Module, key: str, value) -> None:
-    owner, _, attr = key.rpartition(".")
-    setattr(model.get_submodule(owner), attr, value)
-
-
-__all__ = ["FORMATS", "Int8Linear", "quantize_per_channel", "to_inference", "weight_format",
-           "save_inference", "load_inference"]
+__all__ = ["FORMATS", "Int8Linear", "Bf16Linear", "quantize_per_channel", "to_inference",
+           "weight_format", "save_inference", "load_inference"]
