@@ -6,15 +6,15 @@ rows (decode GEMVs) and M = 512 (the encoder's GEMMs), on 1 and 2 threads, it ti
 
   fp32 activations   fp32 ``F.linear`` (MKL) | fp32 MKL-packed ``mkl._mkl_linear`` |
                      fp16 weights via fbgemm ``quantized.linear_dynamic_fp16`` |
-                     int8 weight-only ``_weight_int8pack_mm`` (fp32 input) |
-                     int8 dynamic (u8 activations, per-tensor) ``quantized.linear_dynamic``
-                     with fbgemm- and oneDNN-packed weights, also with each row scaled
-                     to max |x| = 1 first (= per-row activation scales) |
+                     int8 weight-only ``_weight_int8pack_mm`` (fp32 input, and with the
+                     input cast to bf16) | int8 dynamic (u8 activations, per tensor)
+                     ``quantized.linear_dynamic`` with fbgemm- and oneDNN-packed weights |
                      int8 oneDNN ``onednn.qlinear_pointwise`` (u8 activations quantised in
-                     eager code) | int8 x int8 -> int32 ``_int_mm`` with per-row scales
+                     eager code) | int8 x int8 -> int32 ``_int_mm`` with per-row scales |
+                     fastencdec's ``Int8Linear`` (fbgemm with per-row activation grids)
   bf16 activations   bf16 ``F.linear`` (oneDNN) | bf16 oneDNN-packed ``mkldnn._linear_pointwise``
-                     | int8 weight-only ``_weight_int8pack_mm`` | int4 weight-only
-                     ``_weight_int4pack_mm_for_cpu`` (group 128; for reference only)
+                     | fastencdec's ``Bf16Linear`` | int8 weight-only ``_weight_int8pack_mm`` |
+                     int4 weight-only ``_weight_int4pack_mm_for_cpu`` (group 128; reference)
 
 Every candidate includes its bias and whatever activation conversion / quantisation
 it needs, i.e. what an ``nn.Linear`` replacement would pay. Decoding streams all of a
@@ -167,7 +167,7 @@ def _int8_weight_only(dtype):
 
 def _int8_weight_only_via_bf16(w, b, rows):
     """fp32 activations cast to bf16 for the vectorised kernel (unit scales), then
-    fp32 per-channel scales and bias in one addcmul (fastencdec's Int8Linear GEMV)."""
+    fp32 per-channel scales and bias in one addcmul."""
     wq, scale = per_channel_int8(w)
     ones = torch.ones_like(scale, dtype=torch.bfloat16)
     bias = torch.zeros_like(scale) if b is None else b
@@ -183,31 +183,15 @@ def _quantized_tensor(w):
             wq, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
 
 
-def _dynamic(engine: str, row_scaled: bool):
+def _dynamic(engine: str):
     def build(w, b, rows):
         old = torch.backends.quantized.engine
         torch.backends.quantized.engine = engine
         try:
-            packed = torch.ops.quantized.linear_prepack(_quantized_tensor(w),
-                                                        None if row_scaled else b)
+            packed = torch.ops.quantized.linear_prepack(_quantized_tensor(w), b)
         finally:
             torch.backends.quantized.engine = old
-        if not row_scaled:
-            return lambda x: torch.ops.quantized.linear_dynamic(x, packed, False)
-
-        def fn(x):
-            # Each row scaled to max |x| = 1, plus one anchor row spanning [-1, 1]: the
-            # per-tensor range is then always [-1, 1], i.e. per-row scales that make a
-            # row's result independent of the batch (fastencdec's Int8Linear).
-            m, k = x.shape
-            r = x.abs().amax(-1, keepdim=True).clamp_(min=1e-30)
-            xs = x.new_empty(m + 1, k)
-            torch.div(x, r, out=xs[:m])
-            xs[m].zero_()
-            xs[m, :2] = torch.tensor([-1.0, 1.0])
-            y = torch.ops.quantized.linear_dynamic(xs, packed, False)[:m].mul_(r)
-            return y if b is None else y.add_(b)
-        return fn
+        return lambda x: torch.ops.quantized.linear_dynamic(x, packed, False)
     return build
 
 
@@ -256,6 +240,21 @@ def _int4_weight_only(w, b, rows, group=128):
     return fn
 
 
+def _fastencdec(fmt):
+    """The module ``to_inference`` puts in place of an ``nn.Linear`` for ``fmt``."""
+    def build(w, b, rows):
+        from fastencdec.models.quantize import Bf16Linear, Int8Linear
+
+        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if b is not None:
+                lin.bias.copy_(b)
+        module = (Int8Linear if fmt == "int8" else Bf16Linear).from_float(lin)
+        return torch.no_grad()(module.forward)
+    return build
+
+
 SCALAR_FALLBACK = "scalar fallback kernel (>10x slower already at M=8)"
 CANDIDATES = [
     Candidate("fp32 F.linear (MKL)", "fp32", torch.float32, _plain),
@@ -265,15 +264,16 @@ CANDIDATES = [
               _int8_weight_only(torch.float32), max_rows=8, skip_reason=SCALAR_FALLBACK),
     Candidate("int8w _weight_int8pack_mm via bf16", "int8", torch.float32,
               _int8_weight_only_via_bf16),
-    Candidate("int8 dyn fbgemm", "int8", torch.float32, _dynamic("fbgemm", False)),
-    Candidate("int8 dyn fbgemm row-scaled+anchor", "int8", torch.float32, _dynamic("fbgemm", True)),
-    Candidate("int8 dyn onednn-engine", "int8", torch.float32, _dynamic("onednn", False)),
+    Candidate("int8 dyn fbgemm", "int8", torch.float32, _dynamic("fbgemm")),
+    Candidate("fastencdec Int8Linear", "int8", torch.float32, _fastencdec("int8")),
+    Candidate("int8 dyn onednn-engine", "int8", torch.float32, _dynamic("onednn")),
     Candidate("int8 onednn.qlinear_pointwise", "int8", torch.float32, _onednn_qlinear,
               per_rows=True),
     Candidate("int8 _int_mm per-row", "int8", torch.float32, _int_mm),
     Candidate("bf16 F.linear (oneDNN)", "bf16", torch.bfloat16, _bf16),
     Candidate("bf16 mkldnn._linear_pointwise packed", "bf16", torch.bfloat16, _bf16_packed,
               per_rows=True),
+    Candidate("fastencdec Bf16Linear", "bf16", torch.bfloat16, _fastencdec("bf16")),
     Candidate("int8w _weight_int8pack_mm bf16-act", "int8", torch.bfloat16,
               _int8_weight_only(torch.bfloat16)),
     Candidate("int4w _weight_int4pack_mm (g128)", "int4", torch.bfloat16, _int4_weight_only),
