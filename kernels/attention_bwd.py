@@ -9,7 +9,10 @@ Three kernels, deterministic by default (no atomics):
 - ``_attention_bwd_preprocess_kernel``: ``delta_i = sum_d dO[i, d] * O[i, d]``;
 - ``_attention_bwd_dkdv_kernel``: one program per (key tile, K/V head, batch); it
   loops over the query heads of its group and their query tiles, so the group's
-  contributions are summed in registers. Works on transposed tiles ``[keys, queries]``;
+  contributions are summed in registers. Works on transposed tiles ``[keys, queries]``.
+  When those programs cannot fill the GPU (``group_splits``), the group is split over
+  several programs, each writing fp32 partial dK/dV that the launcher sums (in a
+  fixed order: still deterministic);
 - ``_attention_bwd_dq_kernel``: one program per (query tile, query head, batch),
   looping over key tiles in the forward's two phases.
 
@@ -113,13 +116,15 @@ def _attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkl, stride_dkh,
     stride_dvb, stride_dvl, stride_dvh,
     stride_dqb, stride_dql, stride_dqh,
+    stride_dk_split, stride_dv_split,
     stride_pad_b, table_stride_b,
-    n_q_heads, len_q, len_k, qk_scale, sm_scale,
+    n_q_heads, len_q, len_k, qk_scale, sm_scale, heads_per_split,
     seq_bucket,  # only an autotuning key
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_P: tl.constexpr,
     HALF: tl.constexpr, HALF_P: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, ROPE: tl.constexpr,
     ATOMIC_DQ: tl.constexpr,  # also add dQ into DQ_ACC (fp32) with atomics
+    GROUP_SPLIT: tl.constexpr,  # grid axis 1 = K/V heads x splits; DK/DV: fp32 partials
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     if CAUSAL:  # grid (key tiles, K/V heads, batch); the first key tiles see the most queries
@@ -128,6 +133,16 @@ def _attention_bwd_dkdv_kernel(
         pid_n = tl.program_id(0)
         kvh = tl.program_id(1)
         b = tl.program_id(2)
+    if GROUP_SPLIT:  # this program: heads [g0, g0 + heads_per_split) of the group
+        n_splits = GROUP // heads_per_split
+        split = kvh % n_splits
+        kvh = kvh // n_splits
+        g0 = split * heads_per_split
+        n_heads_here = heads_per_split
+    else:
+        split = 0
+        g0 = 0
+        n_heads_here = GROUP
     b64 = b.to(tl.int64)
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -141,13 +156,12 @@ def _attention_bwd_dkdv_kernel(
     v = load_2d(V + b64 * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vl
                 + offs_d[None, :], n_ok, d_ok, True, HEAD_DIM != HEAD_P)
 
-    n_heads_here = GROUP
     key_real = n_ok
     if HAS_PAD:
         kv_lo = tl.load(KV_RANGE + 2 * b)
         kv_hi = tl.load(KV_RANGE + 2 * b + 1)
         live = (start_n < kv_hi) & (start_n + BLOCK_N > kv_lo)
-        n_heads_here = tl.where(live, GROUP, 0)  # a tile of padding only: skip all work
+        n_heads_here = tl.where(live, n_heads_here, 0)  # a tile of padding only: no work
         key_real = tl.load(PAD + b64 * stride_pad_b + offs_n, mask=n_ok, other=0) != 0
 
     dk = tl.zeros([BLOCK_N, 2 * HALF_P], dtype=tl.float32)
@@ -157,7 +171,7 @@ def _attention_bwd_dkdv_kernel(
     else:
         q_lo = 0
     for g in range(0, n_heads_here):
-        h = kvh * GROUP + g
+        h = kvh * GROUP + g0 + g
         q_base = Q + b64 * stride_qb + h * stride_qh
         do_base = DO + b64 * stride_dob + h * stride_doh
         dq_base = DQ_ACC + b64 * stride_dqb + h * stride_dqh
@@ -172,10 +186,11 @@ def _attention_bwd_dkdv_kernel(
     if HAS_PAD:  # padded keys are never seen: their gradients are exactly 0
         dk = tl.where(key_real[:, None], dk, 0.0)
         dv = tl.where(key_real[:, None], dv, 0.0)
-    store_unrotated_split(DK + b64 * stride_dkb + kvh * stride_dkh, dk, offs_n, stride_dkl,
-                          n_ok, COS, SIN, table_row0 + offs_n, HALF, HALF_P, ROPE)
-    dv_ptrs = DV + b64 * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvl \
-        + offs_d[None, :]
+    store_unrotated_split(DK + split * stride_dk_split + b64 * stride_dkb + kvh * stride_dkh,
+                          dk, offs_n, stride_dkl, n_ok, COS, SIN, table_row0 + offs_n, HALF,
+                          HALF_P, ROPE and not GROUP_SPLIT)  # partials: the launcher rotates
+    dv_ptrs = DV + split * stride_dv_split + b64 * stride_dvb + kvh * stride_dvh \
+        + offs_n[:, None] * stride_dvl + offs_d[None, :]
     store_2d(dv_ptrs, dv.to(DV.dtype.element_ty), n_ok, d_ok, HEAD_DIM != HEAD_P)
 
 
@@ -272,14 +287,33 @@ def _attention_bwd_dq_kernel(
 
 
 PREPROCESS_BLOCK_M = 64
+NOMINAL_BLOCK_N = 64  # key tile size the group-split heuristic assumes (tiles are tuned)
+
+
+def group_splits(batch: int, n_kv_heads: int, len_k: int, group: int, sm_count: int,
+                 forced: int | None = None) -> int:
+    """Programs the GQA group of the dK/dV kernel is split over: 1 while ``batch x K/V
+    heads x key tiles`` (tiles of ``NOMINAL_BLOCK_N`` keys) reach ``2 x sm_count``,
+    else the smallest divisor of ``group`` that does (or ``group``). ``forced``: a
+    split count (clamped to a divisor of ``group``). Shapes only: graph-safe."""
+    divisors = [d for d in range(1, group + 1) if group % d == 0]
+    if forced is not None:
+        return max(d for d in divisors if d <= max(1, forced))
+    programs = batch * n_kv_heads * triton.cdiv(len_k, NOMINAL_BLOCK_N)
+    for d in divisors:
+        if programs * d >= 2 * sm_count:
+            return d
+    return group
 
 
 def attention_bwd(grad_out, q, k, v, out, lse, problem, *, need_dq: bool, need_dkv: bool,
-                  deterministic: bool = True):
+                  deterministic: bool = True, sm_count: int = 132,
+                  split_count: int | None = None):
     """Launch the backward: ``(dq, dk, dv)`` w.r.t. the inputs before RoPE (None for the
     ones not needed). Every tensor needs a unit stride on head_dim; ``problem.scale > 0``.
     With RoPE, Q and K are rotated here once (temporary copies). ``deterministic=False``
-    accumulates dQ with fp32 atomics in the dK/dV kernel (see the module doc)."""
+    accumulates dQ with fp32 atomics in the dK/dV kernel (see the module doc).
+    ``sm_count`` / ``split_count``: for ``group_splits``."""
     if problem.scale <= 0:
         raise ValueError(f"attention_bwd needs scale > 0, got {problem.scale}")
     batch, len_q, n_heads, head_dim = q.shape
@@ -301,20 +335,37 @@ def attention_bwd(grad_out, q, k, v, out, lse, problem, *, need_dq: bool, need_d
     dq = dk = dv = None
     atomic = need_dq and not deterministic
     if need_dkv or atomic:
+        group = n_heads // n_kv_heads
+        splits = group_splits(batch, n_kv_heads, len_k, group, sm_count, forced=split_count)
         dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        dk_out, dv_out = dk, dv
+        if splits > 1:  # fp32 partial sums, one slice per split of the group
+            dk_out = torch.empty((splits, *k.shape), dtype=torch.float32, device=k.device)
+            dv_out = torch.empty((splits, *v.shape), dtype=torch.float32, device=v.device)
         dq_acc = (torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic
                   else delta)  # never touched without atomics
         dq_strides = strides3(dq_acc) if atomic else (0, 0, 0)
         args = (
-            q, k, v, grad_out, lse, delta, dk, dv, dq_acc, cos, sin, pad, key_range,
+            q, k, v, grad_out, lse, delta, dk_out, dv_out, dq_acc, cos, sin, pad, key_range,
             *strides3(q), *strides3(k), *strides3(v), *strides3(grad_out),
-            *strides3(dk), *strides3(dv), *dq_strides, stride_pad_b, problem.table_stride_b,
-            n_heads, len_q, len_k, qk_scale, problem.scale, bucket,
+            *strides3(dk_out[0] if splits > 1 else dk), *strides3(dv_out[0] if splits > 1 else dv),
+            *dq_strides, dk_out.stride(0) if splits > 1 else 0,
+            dv_out.stride(0) if splits > 1 else 0, stride_pad_b, problem.table_stride_b,
+            n_heads, len_q, len_k, qk_scale, problem.scale, group // splits, bucket,
         )
-        launch(_attention_bwd_dkdv_kernel, "dkdv", args, {**static, "ATOMIC_DQ": atomic},
-               lambda bm, bn: (triton.cdiv(len_k, bn), n_kv_heads, batch),
+        launch(_attention_bwd_dkdv_kernel, "dkdv", args,
+               {**static, "ATOMIC_DQ": atomic, "GROUP_SPLIT": splits > 1},
+               lambda bm, bn: (triton.cdiv(len_k, bn), n_kv_heads * splits, batch),
                reset_to_zero=["DQ_ACC"] if atomic else None)
+        if splits > 1:  # sum the partials in a fixed order, then the epilogue's rotation
+            dk_sum = dk_out.sum(0)
+            if problem.cos is not None:
+                rope.rotate(dk_sum, problem.cos, problem.sin, problem.table_stride_b,
+                            inverse=True, out=dk)
+            else:
+                dk.copy_(dk_sum)
+            dv.copy_(dv_out.sum(0))
         if atomic:  # the accumulator holds dQ of the rotated q, already scaled
             dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
             if problem.cos is not None:

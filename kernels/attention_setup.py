@@ -233,7 +233,7 @@ def _tuned(kernel, kind: str, head_dim: int, *, fp32: bool, causal: bool, has_pa
     if key not in _TUNED:
         configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                    for bm, bn, w, s in configs]
-        keys = TUNING_KEYS + (["ATOMIC_DQ"] if kind == "dkdv" else [])
+        keys = TUNING_KEYS + (["ATOMIC_DQ", "GROUP_SPLIT"] if kind == "dkdv" else [])
         options = dict(configs=configs, key=keys, reset_to_zero=list(reset_to_zero) or None)
         try:
             tuner = triton.autotune(**options, cache_results=True)

@@ -231,6 +231,42 @@ def test_nondeterministic_cross_attention_and_bad_flag(seed):
         ops.self_attention(q, q, q, causal=True, deterministic="no")
 
 
+@pytest.mark.parametrize("splits,deterministic", [(1, True), (2, True), (4, True), (2, False)])
+def test_group_split_dkdv(seed, kernel_calls, monkeypatch, splits, deterministic):
+    """The dK/dV kernel with its GQA group (4 query heads per K/V head) split over 1, 2
+    or 4 programs (fp32 partials summed by the launcher) gives the same gradients."""
+    monkeypatch.setenv(tb.GROUP_SPLITS_ENV_VAR, str(splits))
+    batch, seq_len = 2, 70
+    q = rand(batch, seq_len, 8, 32, device=DEVICE)
+    k = rand(batch, seq_len, 2, 32, device=DEVICE)
+    v = rand(batch, seq_len, 2, 32, device=DEVICE)
+    mask = _mask("left", batch, seq_len)
+    grad_out = rand(*q.shape, device=DEVICE)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ops.self_attention(*leaves, causal=True, key_padding_mask=mask, positions=2,
+                       deterministic=deterministic).backward(grad_out)
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref.self_attention(*ref_leaves, causal=True, key_padding_mask=mask,
+                       positions=2).backward(grad_out.double())
+    for name, got, want in zip("qkv", leaves, ref_leaves, strict=True):
+        assert_close(got.grad, want.grad, F32, grad=True, name=f"d{name}, {splits} splits")
+    assert kernel_calls == {"fwd": 1, "bwd": 1}
+
+
+def test_group_split_heuristic(monkeypatch):
+    split = attention_bwd.group_splits
+    assert split(64, 4, 4096, 4, 132) == 1  # 16384 programs: plenty
+    assert split(1, 2, 512, 4, 132) == 4  # 16 programs: the whole group
+    assert split(2, 4, 1024, 4, 132) == 4  # 128 programs; x2 = 256 < 264; x4 reaches it
+    assert split(2, 4, 2048, 4, 132) == 2  # 256 programs; x2 = 512
+    assert split(1, 1, 64, 1, 132) == 1  # no group to split
+    assert split(1, 3, 512, 2, 132) == 2  # mu-330m's 6/3 heads
+    assert split(8, 2, 128, 6, 8, forced=4) == 3  # forced: the largest divisor <= 4
+    monkeypatch.setenv(tb.GROUP_SPLITS_ENV_VAR, "0")
+    with pytest.raises(ValueError, match=tb.GROUP_SPLITS_ENV_VAR):
+        tb._env_int(tb.GROUP_SPLITS_ENV_VAR)
+
+
 @pytest.mark.parametrize("scale", [-0.3, 0.0])
 def test_non_positive_scale(seed, kernel_calls, scale):
     """The kernels need a positive scale (row max before scaling): a scale <= 0 is

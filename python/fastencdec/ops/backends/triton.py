@@ -15,7 +15,8 @@ score), which needs a positive scale: a scale <= 0 is folded into q here
 (``q * sign``, exact) and the gradient of q turned back the same way.
 
 ``FASTENCDEC_DECODE_SPLITS=n`` forces the number of key splits of the decode kernel;
-tests use it to cover both the single-split and the merge path.
+``FASTENCDEC_GROUP_SPLITS=n`` the number of programs the dK/dV kernel splits a GQA
+group over; tests use them to cover every path.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from . import distill_chunks
 
 DECODE_MAX_QUERIES = 16
 SPLITS_ENV_VAR = "FASTENCDEC_DECODE_SPLITS"
+GROUP_SPLITS_ENV_VAR = "FASTENCDEC_GROUP_SPLITS"  # force the dK/dV kernel's GQA group split
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTERPRETER_SM_COUNT = 8  # nominal, so the split heuristic still splits small CPU cases
 
@@ -117,7 +119,8 @@ def attention_backward(grad_out, q, k, v, out, lse, mask, positions, offset, cau
                            rope=rope)
     dq, dk, dv = _bwd.attention_bwd(_unit_last(grad_out), q, k, v, out, lse, problem,
                                     need_dq=need_dq, need_dkv=need_dkv,
-                                    deterministic=deterministic)
+                                    deterministic=deterministic, sm_count=_sm_count(q.device),
+                                    split_count=_env_int(GROUP_SPLITS_ENV_VAR))
     if dq is not None and sign != 1.0:
         dq.mul_(sign)  # d/dq of (sign * q): sign * dq'
     # unrequested gradients: distinct empty tensors (a custom op's outputs may not alias)
@@ -177,9 +180,21 @@ def _turns_per_position(device: torch.device, head_dim: int, base: float) -> tor
     return table
 
 
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
+    if number < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return number
+
+
 def _splits():
-    value = os.environ.get(SPLITS_ENV_VAR, "").strip()
-    return int(value) if value else None
+    return _env_int(SPLITS_ENV_VAR)
 
 
 @cache
