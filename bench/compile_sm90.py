@@ -156,6 +156,12 @@ def attention_cases(head_dims, dtypes, variants) -> list[Case]:
                     for deterministic in (True, False):  # False: dQ by atomics in dK/dV
                         tb.attention_backward(out, q, k, k, out, lse, mask, None, 0, causal,
                                               scale, spec, True, True, deterministic)
+                    os.environ[tb.GROUP_SPLITS_ENV_VAR] = "2"  # the split-group dK/dV
+                    try:
+                        tb.attention_backward(out, q, k, k, out, lse, mask, None, 0, causal,
+                                              scale, spec, False, True, True)
+                    finally:
+                        del os.environ[tb.GROUP_SPLITS_ENV_VAR]
 
                 tag = ("causal" if causal else "bidir") + ("+pad" if padded else "") \
                     + ("+rope" if rope else "")
@@ -383,8 +389,9 @@ def config_label(launch: Launch, config: dict) -> str:
 
 
 def constexpr_label(launch: Launch) -> str:
-    keys = ("CAUSAL", "HAS_PAD", "ROPE", "REVERSE", "HAS_DIV", "HAS_CE", "TEMPERED",
-            "CAUSAL_CACHE", "HAS_MASK", "SINGLE_SPLIT", "INVERSE", "HAS_POSITIONS")
+    keys = ("CAUSAL", "HAS_PAD", "ROPE", "ATOMIC_DQ", "GROUP_SPLIT", "REVERSE", "HAS_DIV",
+            "HAS_CE", "TEMPERED", "CAUSAL_CACHE", "HAS_MASK", "SINGLE_SPLIT", "INVERSE",
+            "SCALE_PTR")
     return ",".join(f"{k}" for k in keys if launch.kwargs.get(k) is True)
 
 
