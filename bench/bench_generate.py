@@ -116,17 +116,22 @@ class FastencdecEngine:
         torch.set_num_threads(spec["threads"])
         cls = fastencdec.EncoderDecoderLM if spec["arch"] == ENCDEC else fastencdec.DecoderOnlyLM
         fmt = spec["format"]
-        stored = "bf16" if fmt in ("bf16", "bf16-plain") else "fp32"
+        # The parent decides once for the whole run, so that every row runs the same path.
+        inference = fmt in ("fp32", "bf16", "int8") and spec.get("to_inference", True)
+        if fmt == "int8" and not inference:
+            raise RuntimeError("int8 needs fastencdec.models.quantize.to_inference")
+        # to_inference converts a float model; the plain bf16 path loads bf16 weights.
+        stored = "bf16" if fmt == "bf16-plain" or (fmt == "bf16" and not inference) else "fp32"
         model = cls.from_pretrained(Path(spec["model_dir"]) / stored, device=self.device)
         self.path = "module"
-        if fmt in ("fp32", "bf16", "int8"):
+        if inference:
             to_inference = find_to_inference()
-            if to_inference is not None:
-                converted = to_inference(model, fmt)
-                model = model if converted is None else converted
-                self.path = "fastencdec.models.quantize.to_inference"
-            elif fmt == "int8":
-                raise RuntimeError("int8 needs fastencdec.models.quantize.to_inference")
+            if to_inference is None:
+                raise RuntimeError("fastencdec.models.quantize.to_inference is not importable "
+                                   "in this process, but the run was planned with it")
+            converted = to_inference(model, fmt)
+            model = model if converted is None else converted
+            self.path = "fastencdec.models.quantize.to_inference"
         self.model = model.eval()
         self.params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
@@ -456,7 +461,8 @@ def engine_label(spec: dict) -> str:
 def plan(args, config_dicts: dict, notes: list[str]) -> list[dict]:
     """Every configuration to measure, in the order one round runs them."""
     engines = [("fastencdec", f) for f in args.formats]
-    if not to_inference_available():
+    inference = to_inference_available()
+    if not inference:
         if "int8" in args.formats:
             notes.append("fastencdec.models.quantize.to_inference does not exist yet: "
                          "fastencdec int8 skipped")
@@ -484,6 +490,7 @@ def plan(args, config_dicts: dict, notes: list[str]) -> list[dict]:
                               "threads": args.threads, "device": args.device,
                               "vocab_size": config_dicts[arch]["vocab_size"],
                               "warmup_tokens": args.warmup_tokens, "repeats": args.repeats,
+                              "to_inference": inference,
                               "curve_lengths": args.first_token_curve if batch == 1 else []})
     return specs
 

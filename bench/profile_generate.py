@@ -332,7 +332,8 @@ def main(argv=None) -> int:
             spec = {"engine": "fastencdec", "format": fmt, "arch": args.arch, "batch": batch,
                     "input_len": args.input_len, "new_tokens": args.new_tokens,
                     "threads": args.threads, "device": "cpu", "vocab_size": config.vocab_size,
-                    "model_dir": prepared["dir"], "repeats": args.repeats}
+                    "model_dir": prepared["dir"], "repeats": args.repeats,
+                    "to_inference": bg.to_inference_available()}
             try:
                 res = harness.run_child(Path(__file__).resolve(), ["--worker", json.dumps(spec)],
                                         env=env, timeout=args.timeout)
