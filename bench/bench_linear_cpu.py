@@ -46,9 +46,9 @@ import statistics
 import time
 import warnings
 import zlib
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -368,9 +368,9 @@ def run_shape(name, k, n, has_bias, rows_list, threads_list, repeats, target_s, 
                         row["skipped"] = f"failed: {type(e).__name__}: {str(e)[:120]}"
                 results.append(row)
             for _ in range(repeats):  # interleaved: background load hits every candidate
-                for cand, fn, x, row, calls, times in active:
+                for _cand, fn, x, _row, calls, times in active:
                     times.append(sample(fn, x, calls))
-            for cand, fn, x, row, calls, times in active:
+            for cand, _fn, _x, row, calls, times in active:
                 wall = statistics.median(w for w, _ in times)
                 cpu = statistics.median(c for _, c in times)
                 t = cpu if CLOCK == "cpu" else wall
@@ -401,8 +401,8 @@ def print_table(results, bw, log):
                 continue
             r["copy_fraction"] = r["weight_gbs"] / copy
             r["speedup_vs_fp32"] = fp32 / r["ms"] if fp32 else None
-            log(f"  {r['candidate']:40s} {r['wall_ms']:8.3f} {r['cpu_ms']:8.3f} {r['weight_gbs']:7.1f} "
-                f"{100 * r['copy_fraction']:5.0f}% {r['gflops']:8.1f} "
+            log(f"  {r['candidate']:40s} {r['wall_ms']:8.3f} {r['cpu_ms']:8.3f} "
+                f"{r['weight_gbs']:7.1f} {100 * r['copy_fraction']:5.0f}% {r['gflops']:8.1f} "
                 f"{r['speedup_vs_fp32'] or float('nan'):6.2f}x {r['rel_error']:8.1e}")
 
 
@@ -464,7 +464,7 @@ def main(argv=None) -> None:
         results += run_shape(name, k, n, has_bias, rows_list, threads_list, repeats, target_s,
                              log)
     torch.set_num_threads(old_threads)
-    record.update(loadavg_end=loadavg(), loadavg_per_shape=dict(zip(shapes, loads)),
+    record.update(loadavg_end=loadavg(), loadavg_per_shape=dict(zip(shapes, loads, strict=True)),
                   bandwidth={str(t): v for t, v in bw.items()})
     print_table(results, bw, log)
     log(f"\nload average at start {record['loadavg_start']}, end {record['loadavg_end']} "

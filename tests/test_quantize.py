@@ -14,9 +14,16 @@ from safetensors.torch import load_file, save_file
 
 from _helpers import randomize
 from fastencdec import DecoderOnlyConfig, DecoderOnlyLM, EncDecConfig, EncoderDecoderLM
-from fastencdec.models.quantize import (FORMAT_KEY, Bf16Linear, Int8Linear, load_inference,
-                                        quantize_per_channel, save_inference, to_inference,
-                                        weight_format)
+from fastencdec.models.quantize import (
+    FORMAT_KEY,
+    Bf16Linear,
+    Int8Linear,
+    load_inference,
+    quantize_per_channel,
+    save_inference,
+    to_inference,
+    weight_format,
+)
 
 TINY = EncDecConfig.preset("tiny")
 
@@ -405,21 +412,22 @@ def trained(one_thread):
 
 
 @pytest.mark.parametrize("arch", ["encdec", "deconly"])
-def test_trained_model_greedy_tokens_agree_with_fp32(arch, trained, seed):
+def test_trained_model_greedy_tokens_agree_with_fp32(arch, trained, seed, record_property):
     model = trained[arch]
     x, y = chain_task(48, torch.Generator().manual_seed(seed))
     fp32 = model.generate(x, max_new_tokens=OUT_LEN, eos_token_id=())
     solved = float((fp32 == y).float().mean())
     assert solved >= 0.9, f"the fp32 model is not trained ({solved:.1%} of the task)"
-    ref_logits = logits_of(model, x, y[:, :-1] if arch == "deconly" else model.shift_right(y))
+    dec = y[:, :-1] if arch == "deconly" else model.shift_right(y)  # teacher forcing
+    ref_logits = logits_of(model, x, dec)
     report = []
     for fmt in ("bf16", "int8"):
         converted = to_inference(copy.deepcopy(model), fmt)
         tokens = converted.generate(x, max_new_tokens=OUT_LEN, eos_token_id=())
         agree = float((tokens == fp32).float().mean())
-        dec = y[:, :-1] if arch == "deconly" else model.shift_right(y)
         err = rel_err(logits_of(converted, x, dec), ref_logits)
         report.append(f"{fmt}: {agree:.1%} of greedy tokens agree, logits rel err {err:.2e}")
+        record_property(f"{arch}_{fmt}", report[-1])
         assert agree >= 0.95, "; ".join(report)
         assert err < 5e-2, "; ".join(report)
         # Cached generation equals recomputation and a batch equals its rows alone.

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME, _replace_atomically
@@ -444,23 +444,38 @@ def load_inference(directory: str | os.PathLike, dtype: str | None = None) -> nn
         model = cls(config)
     _convert(model, stored_fmt, quantize=False)
     expected = model.state_dict()
-    state = load_file(str(weights), device="cpu")
-    for alias, source in tied.items():
-        if source not in state:
-            raise ValueError(f"{weights}: tied tensor {alias!r} names missing {source!r}")
-        state[alias] = state[source]
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{weights} does not match a {stored_fmt} {cls.__name__}: missing "
-                         f"{missing[:8]}, unexpected {unexpected[:8]}")
-    for key, want in expected.items():
-        got = state[key]
-        if got.dtype != want.dtype or got.shape != want.shape:
-            raise ValueError(f"{weights}: {key} is {got.dtype} {tuple(got.shape)}, expected "
-                             f"{want.dtype} {tuple(want.shape)} for the {stored_fmt} format")
-    model.load_state_dict(state, strict=True, assign=True)
-    for alias, source in tied.items():  # assign=True made two parameters: share one
+    with safe_open(str(weights), framework="pt") as f:
+        # Tensors come as views of the memory-mapped file: checking them reads no data.
+        stored = {key: f.get_tensor(key) for key in f.keys()}
+        for alias, source in tied.items():
+            if source not in stored or alias in stored:
+                raise ValueError(f"{weights}: bad tie {alias!r} -> {source!r}")
+        names = set(stored) | set(tied)
+        missing, unexpected = sorted(set(expected) - names), sorted(names - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{weights} does not match a {stored_fmt} {cls.__name__}: "
+                             f"missing {missing[:8]}, unexpected {unexpected[:8]}")
+        for key, got in stored.items():
+            want = expected[key]
+            if got.dtype != want.dtype or got.shape != want.shape:
+                raise ValueError(f"{weights}: {key} is {got.dtype} {tuple(got.shape)}, "
+                                 f"expected {want.dtype} {tuple(want.shape)} for the "
+                                 f"{stored_fmt} format")
+        # Module by module: packing copies the packed weights out of the file; the other
+        # tensors are copied too (int8/bf16), so the mapping is released on return. fp32
+        # keeps the views (nothing is packed; the file's pages are the model's memory).
+        by_owner: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in stored.items():
+            owner, _, attr = key.rpartition(".")
+            module = model.get_submodule(owner)
+            packed = isinstance(module, _PackedLinear) and attr in module.packed_dtypes
+            by_owner.setdefault(owner, {})[attr] = t if packed or stored_fmt == "fp32" \
+                else t.clone()
+        del stored
+        for owner, tensors in by_owner.items():
+            model.get_submodule(owner).load_state_dict(tensors, strict=True, assign=True)
+            tensors.clear()
+    for alias, source in tied.items():  # the alias shares the source's parameter
         owner, _, attr = alias.rpartition(".")
         src_owner, _, src_attr = source.rpartition(".")
         setattr(model.get_submodule(owner), attr,
