@@ -102,9 +102,14 @@ def test_rotate_in_place_and_strided_input(seed):
         rope_kernel.rotate(wide[..., ::2], cos, sin, stride_b)
 
 
-def test_attention_rotates_k_once_per_call(seed, rope_calls):
+def test_attention_rotates_k_once_per_call(seed, rope_calls, monkeypatch):
     """Forward rotates K once (q is rotated in the kernel's prologue); backward rotates
-    Q and K once each; rope=False rotates nothing."""
+    Q and K once each (dQ/dK go back in the store epilogues; a split GQA group would
+    add one inverse pass over the summed dK partials, so it is kept whole here);
+    rope=False rotates nothing."""
+    from fastencdec.ops.backends import triton as tb
+
+    monkeypatch.setenv(tb.GROUP_SPLITS_ENV_VAR, "1")
     q = rand(2, 40, 4, 32, device=DEVICE).requires_grad_()
     k = rand(2, 40, 2, 32, device=DEVICE).requires_grad_()
     v = rand(2, 40, 2, 32, device=DEVICE).requires_grad_()
