@@ -84,7 +84,8 @@ def peak_bytes(fn, device) -> int | None:
 
 
 COLUMNS = [harness.Column("method", "method"), harness.Column("ms", "ms", ".3f"),
-           harness.Column("x_torch", "x torch", ".2f"), harness.Column("peak_mib", "peak MiB", ".0f"),
+           harness.Column("x_torch", "x torch", ".2f"),
+           harness.Column("peak_mib", "peak MiB", ".0f"),
            harness.Column("memory_vs_torch", "mem/torch", ".3f"),
            harness.Column("loss", "loss", ".5f"), harness.Column("error", "error")]
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fastencdec.kernels import attention_bwd, attention_fwd, attention_setup
 
 import fastencdec.ops as ops
 import fastencdec.reference as ref
 from _helpers import assert_close, padding_mask, rand
-from fastencdec.kernels import attention_bwd, attention_fwd, attention_setup
 from fastencdec.ops import dispatch
 from fastencdec.ops.backends import triton as tb
 
@@ -198,7 +198,8 @@ def test_nondeterministic_backward_matches_reference(seed, kernel_calls, seq_len
     kw = dict(causal=causal, key_padding_mask=_mask(mask_kind, batch, seq_len),
               positions=_positions(pos_kind, batch, seq_len))
     original = attention_bwd._attention_bwd_dq_kernel
-    leaves = [t.clone().requires_grad_(name in needs) for name, t in zip("qkv", (q, k, v))]
+    leaves = [t.clone().requires_grad_(name in needs)
+              for name, t in zip("qkv", (q, k, v), strict=True)]
     grad_out = rand(*q.shape, device=DEVICE)
     out = ops.self_attention(*leaves, deterministic=False, **kw)
     try:
@@ -206,7 +207,8 @@ def test_nondeterministic_backward_matches_reference(seed, kernel_calls, seq_len
         out.backward(grad_out)
     finally:
         attention_bwd._attention_bwd_dq_kernel = original
-    ref_leaves = [t.double().requires_grad_(name in needs) for name, t in zip("qkv", (q, k, v))]
+    ref_leaves = [t.double().requires_grad_(name in needs)
+                  for name, t in zip("qkv", (q, k, v), strict=True)]
     ref.self_attention(*ref_leaves, **kw).backward(grad_out.double())
     for name, got, want in zip("qkv", leaves, ref_leaves, strict=True):
         if name in needs:

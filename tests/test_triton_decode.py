@@ -12,12 +12,12 @@ import os
 
 import pytest
 import torch
+from fastencdec.kernels import append_kv_cache as append_kernel
+from fastencdec.kernels import decode_attention as decode_kernel
 
 import fastencdec.ops as ops
 import fastencdec.reference as ref
 from _helpers import assert_close, padding_mask, rand
-from fastencdec.kernels import append_kv_cache as append_kernel
-from fastencdec.kernels import decode_attention as decode_kernel
 from fastencdec.ops import dispatch
 from fastencdec.ops.backends import triton as tb
 from fastencdec.ops.backends.triton import SPLITS_ENV_VAR

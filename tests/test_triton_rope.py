@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fastencdec.kernels import attention_setup
+from fastencdec.kernels import rope as rope_kernel
 
 import fastencdec.ops as ops
 import fastencdec.reference as ref
 from _helpers import assert_close, rand
-from fastencdec.kernels import attention_setup
-from fastencdec.kernels import rope as rope_kernel
 from fastencdec.ops import dispatch
 from fastencdec.spec import Rope
 

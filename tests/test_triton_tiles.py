@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fastencdec.kernels import attention_setup
 
 import fastencdec.ops as ops
 import fastencdec.reference as ref
 from _helpers import assert_close, padding_mask, rand
-from fastencdec.kernels import attention_setup
 
 F32 = torch.float32
 KINDS = ("fwd", "dkdv", "dq")
