@@ -17,9 +17,11 @@ one thread unless told otherwise (its models are tiny: see ``threads.py``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -79,6 +81,7 @@ class DemoSettings:
     teacher_steps: int = 200
     batch_size: int = 32
     lr: float = 6e-3
+    min_lr_ratio: float = 1.0   # no decay: these runs are too short for a cosine to help
     teacher_lr: float | None = None
     alpha: float = 0.5
     temperature: float = 1.0
@@ -232,7 +235,8 @@ class _Progress:
 def _train(name: str, model, s: DemoSettings, data, *, steps: int, lr: float, eval_batch: dict,
            on_step, teacher=None):
     cfg = TrainConfig(task="distill" if teacher is not None else "finetune", max_steps=steps,
-                      lr=lr, warmup_steps=max(steps // 20, 1), alpha=s.alpha,
+                      lr=lr, warmup_steps=max(steps // 20, 1), min_lr_ratio=s.min_lr_ratio,
+                      alpha=s.alpha,
                       temperature=s.temperature, seed=s.seed, progress=False,
                       weight_decay=0.0, optimizer=s.optimizer)
     trainer = Trainer(model, cfg, data, teacher=teacher, device=s.device)
@@ -326,6 +330,24 @@ def _worker(shared: _Shared, jobs: list, counter, results) -> None:
         results.put(("done", job.index, result))
 
 
+@contextlib.contextmanager
+def _main_module_hidden():
+    """A spawned process re-runs the caller's main script unless it is guarded by
+    ``if __name__ == "__main__"``; the worker needs nothing from it, so it is hidden
+    while the process starts."""
+    main = sys.modules.get("__main__")
+    saved_file, saved_spec = getattr(main, "__file__", None), getattr(main, "__spec__", None)
+    try:
+        if saved_file is not None:
+            del main.__file__
+        main.__spec__ = None
+        yield
+    finally:
+        if saved_file is not None:
+            main.__file__ = saved_file
+        main.__spec__ = saved_spec
+
+
 def _use_second_process(s: DemoSettings) -> bool:
     # two single-threaded trainings at once use both cores of a 2-core machine; the
     # numbers do not change (each model's training depends only on its seed)
@@ -345,7 +367,8 @@ def _train_all(s: DemoSettings, shared: _Shared, jobs: list, progress: _Progress
         counter, queue = ctx.Value("i", 0), ctx.Queue()
         proc = ctx.Process(target=_worker, args=(shared, background, counter, queue),
                            daemon=True)
-        proc.start()
+        with _main_module_hidden():
+            proc.start()
         progress.write("-- in a second process: " + ", ".join(
             f"{j.name} ({j.steps} steps)" for j in background))
     seen = [0]

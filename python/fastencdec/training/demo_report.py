@@ -100,7 +100,10 @@ def plot_demo(runs: dict, chance: float, speed: dict, path: str, title: str) -> 
         em_ax.text(i, v + 0.02, f"{v:.3f}", ha="center", fontsize=8)
     archs = list(speed)
     rates = [speed[a]["tokens_per_s"] for a in archs]
-    speed_ax.bar(range(len(archs)), rates, color=colors[1:1 + len(archs)],
+    # each architecture in the colour of its cross-entropy student above
+    arch_colors = [colors[names.index(f"{a}, CE") % len(colors)] if f"{a}, CE" in names
+                   else colors[0] for a in archs]
+    speed_ax.bar(range(len(archs)), rates, color=arch_colors,
                  label="tokens/s after the first token")
     speed_ax.set_xticks(range(len(archs)),
                         [f"{a}\nfirst token {speed[a]['first_token_ms']:.1f} ms" for a in archs],
