@@ -186,12 +186,20 @@ class Int8Linear(_PackedLinear):
     Each row of ``x`` is rounded to uint8 on its own symmetric grid (step
     ``max |x_row| / 127.5``) and fbgemm's AVX512-VNNI/AVX2 GEMM multiplies the uint8
     activations by the int8 weights with int32 accumulation
-    (``quantized.linear_dynamic``); measured fastest for int8 at M = 1 (GEMV) and
-    M = 512 alike. That op quantises per tensor, so the rows are first scaled to
-    max |x| = 1 and one anchor row spanning [-1, 1] is appended: the tensor's range is
-    then always [-1, 1], every row gets the same fixed grid whatever the other rows
-    hold, and the results are scaled back. So a row's result is bitwise the same alone
-    or in any batch and on any thread count; a NaN/Inf row gives NaN.
+    (``quantized.linear_dynamic``). Measured (``bench/bench_linear_cpu.py``): the
+    fastest int8 path PyTorch ships at decode sizes (M = 1-8: ~90% of copy bandwidth
+    on the MLP and LM head GEMVs; the weight-only ``_weight_int8pack_mm`` is 2-3x
+    slower there, ``_int_mm`` and oneDNN's int8 paths 1.5-2x), and within ~20% of the
+    fastest at M = 512 (oneDNN's engine, which keeps a second copy of the weights).
+
+    That op quantises per tensor, so the rows are first scaled to max |x| = 1 and one
+    anchor row spanning [-1, 1] is appended: the tensor's range is then always
+    [-1, 1], every row gets the same fixed grid whatever the other rows hold, and the
+    results are scaled back. So a row's result is bitwise the same alone or in any
+    batch and on any thread count, and a NaN/Inf row gives NaN (fbgemm alone would
+    return finite garbage for it, and spread an Inf to the other rows). The price is
+    four elementwise passes over ``x`` (~0.1 ms per call at M = 1 in eager mode; a
+    fused kernel or ``torch.compile`` would remove it).
     """
 
     packed_dtypes = {"weight": torch.int8, "weight_scale": torch.float32}
@@ -257,9 +265,11 @@ class Bf16Linear(_PackedLinear):
     """``y = x @ weight.T + bias`` in bf16 (fp32 accumulation inside oneDNN).
 
     State: ``weight`` bf16 ``[N, K]``, ``bias`` bf16 ``[N]`` or None. Input and output
-    bf16. The weight is held in oneDNN's packed layout (``mkldnn._linear_pointwise``:
-    measured 1.1-1.9x faster than ``F.linear`` on the same bf16 weights, GEMV and GEMM
-    alike); on a CPU where oneDNN has no bf16 kernel it stays plain for ``F.linear``.
+    bf16. The weight is held in oneDNN's packed layout (``mkldnn._linear_pointwise``,
+    the path ``torch.compile`` uses on CPU): measured 1.3-1.7x faster than ``F.linear``
+    on the same bf16 weights for the MLP, attention and LM head GEMVs (M = 1-8) and
+    up to 1.1x for M = 512 GEMMs. On a CPU where oneDNN has no bf16 kernel the weight
+    stays plain, for ``F.linear``.
     """
 
     packed_dtypes = {"weight": torch.bfloat16}
