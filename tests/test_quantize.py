@@ -354,9 +354,17 @@ def test_load_inference_errors(tmp_path):
     save_file(tensors, str(path), metadata=dict(meta, **{FORMAT_KEY: "int3"}))
     with pytest.raises(ValueError, match="unknown weight format 'int3'"):
         load_inference(tmp_path / "m")
+    save_file(tensors, str(path), metadata=meta)
     config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps(dict(config, n_encoder_layers=10**6)))
+    with pytest.raises(ValueError, match="n_encoder_layers=1000000 but .* holds 2"):
+        load_inference(tmp_path / "m")  # checked against the header, nothing built
     (tmp_path / "m" / "config.json").write_text(json.dumps(dict(config, architecture="rnn")))
     with pytest.raises(ValueError, match="architecture 'rnn'"):
+        load_inference(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
         load_inference(tmp_path / "m")
 
 

@@ -36,11 +36,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .pretrained import CONFIG_NAME, WEIGHTS_NAME, _replace_atomically
+from .pretrained import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    _replace_atomically,
+    check_weights_header,
+    read_safetensors_header,
+)
 
 FORMATS = ("fp32", "bf16", "int8")
 FORMAT_KEY = "fastencdec_weight_format"  # safetensors metadata: the format
@@ -430,8 +436,11 @@ def load_inference(directory: str | os.PathLike, dtype: str | None = None) -> nn
     if dtype is not None:
         _check_dtype_arg(dtype)
     cls = _model_class(config_path)
-    with safe_open(str(weights), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            meta = f.metadata() or {}
+    except SafetensorError as err:
+        raise ValueError(f"{weights}: not a readable safetensors file ({err})") from err
     stored_fmt = meta.get(FORMAT_KEY)
     if stored_fmt is None:  # a float checkpoint from save_pretrained
         if dtype is None:
@@ -450,6 +459,14 @@ def load_inference(directory: str | os.PathLike, dtype: str | None = None) -> nn
         raise ValueError(f"{weights}: malformed {TIED_KEY!r} metadata") from None
 
     config = cls.config_class.load(config_path)
+    # Layer counts, names and widths against the file's header before anything is built
+    # (a config claiming far more layers than stored fails at once): the float model's
+    # check, on the header seen as that model's (int8 weights as floats, scales aside).
+    header = read_safetensors_header(weights)
+    float_view = {name: ("F32" if dtype == "I8" else dtype, shape)
+                  for name, (dtype, shape) in header.items()
+                  if not name.endswith(".weight_scale")}
+    check_weights_header(cls, config, float_view, str(weights), str(config_path))
     with torch.device("meta"):
         model = cls(config)
     _convert(model, stored_fmt, quantize=False)
