@@ -29,9 +29,12 @@ Candidates are timed interleaved, sample by sample, so that background load hits
 them alike; the table shows medians by the wall clock and by this process's CPU time
 per thread (which leaves out the time spent waiting for a core on a shared machine;
 ``--clock cpu`` bases GB/s and ratios on it). The load average is recorded.
-``--quick`` runs a reduced grid in seconds.
+``--quick`` runs a reduced grid in seconds (fc1 and k/v, M = 1 and 8, 1 thread, few
+weight copies, so its GEMVs are partly cache-resident and optimistic: a smoke test).
+A full run takes ~10 minutes on 2 idle cores (longer on a shared machine).
 
-    python bench/bench_linear_cpu.py [--quick] [--threads 1,2] [--clock wall|cpu] [--out PATH]
+    python bench/bench_linear_cpu.py [--quick] [--threads 1,2] [--rows 1,8,512]
+        [--shapes fc1,lm_head] [--clock wall|cpu] [--out PATH]
 """
 
 from __future__ import annotations
@@ -409,7 +412,8 @@ def print_table(results, bw, log):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a reduced grid in seconds")
-    ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    ap.add_argument("--threads", default=None,
+                    help="comma-separated thread counts (default 1,2; --quick: 1)")
     ap.add_argument("--repeats", type=int, default=None, help="samples per point (median)")
     ap.add_argument("--shapes", default=None, help=f"subset of {','.join(SHAPES)}")
     ap.add_argument("--rows", default=None, help="comma-separated M values (default 1,8,512)")
@@ -419,11 +423,12 @@ def main(argv=None) -> None:
                          "thread, for a machine shared with other work (both are recorded)")
     args = ap.parse_args(argv)
 
-    threads_list = [int(t) for t in args.threads.split(",")]
+    threads_arg = args.threads or ("1" if args.quick else "1,2")
+    threads_list = [int(t) for t in threads_arg.split(",")]
     if any(t < 1 for t in threads_list):
         ap.error(f"--threads must be positive ints, got {args.threads!r}")
     shapes = args.shapes.split(",") if args.shapes else (
-        ["fc1", "k/v", "lm_head"] if args.quick else list(SHAPES))
+        ["fc1", "k/v"] if args.quick else list(SHAPES))
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
         ap.error(f"--shapes: unknown {unknown}; choose from {list(SHAPES)}")
@@ -434,9 +439,11 @@ def main(argv=None) -> None:
     repeats = args.repeats or (3 if args.quick else 9)
     target_s = 0.003 if args.quick else 0.005
     global STREAM_BYTES, CLOCK
+    # --quick: a few copies only (weights partly cache-resident: optimistic GEMVs) and
+    # two shapes, so that it runs in well under a minute on an idle machine.
     CLOCK = args.clock
     if args.quick:
-        STREAM_BYTES = 48 << 20
+        STREAM_BYTES = 16 << 20
     lines = []
 
     def log(s=""):
