@@ -18,6 +18,7 @@ from fastencdec.models.quantize import (
     FORMAT_KEY,
     Bf16Linear,
     Int8Linear,
+    fuse_linears,
     load_inference,
     quantize_per_channel,
     save_inference,
@@ -186,6 +187,31 @@ def test_packed_linear_state_copies_and_validation(cls, seed):
         empty.load_state_dict(bad)
     with pytest.raises(RuntimeError, match="Missing key"):
         empty.load_state_dict({"bias": state["bias"]})
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8"])
+def test_fuse_linears_equals_the_separate_layers(kind, seed):
+    """A fused QKV projection: int8 and fp32/bf16 outputs equal the separate layers'
+    (int8 bitwise: per-row activation grids and per-channel scales both carry over)."""
+    gen = torch.Generator().manual_seed(seed)
+    floats = [float_linear(64, n, True, gen) for n in (128, 64, 64)]
+    convert = {"fp32": lambda m: m, "bf16": Bf16Linear.from_float,
+               "int8": Int8Linear.from_float}[kind]
+    layers = [convert(m) for m in floats]
+    fused = fuse_linears(*layers)
+    assert type(fused) is type(layers[0]) and fused.out_features == 256
+    x = torch.randn(3, 7, 64).to(torch.bfloat16 if kind == "bf16" else torch.float32)
+    with torch.no_grad():
+        got, want = fused(x), torch.cat([m(x) for m in layers], -1)
+    if kind == "int8":
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-2 if kind == "bf16" else 1e-6,
+                                   atol=1e-2 if kind == "bf16" else 1e-6)
+    with pytest.raises(ValueError, match="one kind"):
+        fuse_linears(floats[0], Int8Linear.from_float(floats[1]))
+    with pytest.raises(ValueError, match="share in_features"):
+        fuse_linears(convert(float_linear(64, 8, True, gen)), convert(float_linear(32, 8, True, gen)))
 
 
 # -- bf16 ----------------------------------------------------------------------------------

@@ -324,6 +324,43 @@ _MODULES = {"bf16": Bf16Linear, "int8": Int8Linear}
 _EMBED_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
 
 
+def fuse_linears(*linears: nn.Module) -> nn.Module:
+    """One layer computing ``cat([l(x) for l in linears], -1)`` (e.g. a fused QKV
+    projection), of the same kind as the inputs: ``nn.Linear``, ``Bf16Linear`` or
+    ``Int8Linear``. The weights are concatenated along the output dim, so per-channel
+    int8 scales carry over unchanged, and since Int8Linear quantises each input row on
+    its own grid the fused layer's outputs equal the separate layers' bitwise."""
+    if not linears:
+        raise ValueError("fuse_linears needs at least one layer")
+    kinds = {type(m) for m in linears}
+    if len(kinds) != 1 or not kinds <= {nn.Linear, Bf16Linear, Int8Linear}:
+        raise ValueError(f"fuse_linears takes layers of one kind among nn.Linear, Bf16Linear, "
+                         f"Int8Linear; got {sorted(k.__name__ for k in kinds)}")
+    in_features = {m.in_features for m in linears}
+    biased = {m.bias is not None for m in linears}
+    if len(in_features) != 1 or len(biased) != 1:
+        raise ValueError(f"fuse_linears: the layers must share in_features and all have a "
+                         f"bias or none; got in_features {sorted(in_features)}, bias "
+                         f"{sorted(biased)}")
+    (cls,), (k,), (bias,) = kinds, in_features, biased
+    n = sum(m.out_features for m in linears)
+    b = torch.cat([m.bias.detach() for m in linears]) if bias else None
+    if cls is nn.Linear:
+        w = linears[0].weight
+        fused = nn.Linear(k, n, bias=bias, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([m.weight for m in linears]))
+            if bias:
+                fused.bias.copy_(b)
+        return fused.requires_grad_(linears[0].weight.requires_grad)
+    fused = cls(k, n, bias=bias)
+    if bias:
+        fused.bias = b.clone()
+    plains = [m.unpacked() for m in linears]
+    fused.pack(**{name: torch.cat([p[name] for p in plains]) for name in cls.packed_dtypes})
+    return fused
+
+
 # -- conversion ---------------------------------------------------------------------------
 def _check_dtype_arg(dtype) -> str:
     if dtype not in FORMATS:
@@ -516,5 +553,5 @@ def load_inference(directory: str | os.PathLike, dtype: str | None = None) -> nn
     return model.eval()
 
 
-__all__ = ["FORMATS", "Int8Linear", "Bf16Linear", "quantize_per_channel", "to_inference",
-           "weight_format", "save_inference", "load_inference"]
+__all__ = ["FORMATS", "Int8Linear", "Bf16Linear", "fuse_linears", "quantize_per_channel",
+           "to_inference", "weight_format", "save_inference", "load_inference"]
