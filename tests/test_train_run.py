@@ -313,3 +313,14 @@ def test_fp16_and_bf16_need_cuda():
     for precision in ("fp16", "bf16"):
         with pytest.raises(ValueError, match=f"precision='{precision}' needs a CUDA device"):
             Trainer(tiny_encdec(), TrainConfig(precision=precision), iter([]), device="cpu")
+
+
+def test_tensorboard_scalars_when_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    Trainer(tiny_encdec(), config(tmp_path, max_steps=4, log_every=2, save_every=0),
+            stream(examples())).train()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4]

@@ -85,6 +85,7 @@ class DemoSettings:
     teacher_lr: float | None = None
     alpha: float = 0.5
     temperature: float = 1.0
+    divergence: str = "reverse_kl"  # the paper's choice
     threads: int | None = None  # torch CPU threads (None: 1 on the CPU, these models are tiny)
     eval_points: int = 15       # held-out cross-entropy this many times per model
     # generation benchmark (a timing)
@@ -236,8 +237,8 @@ def _train(name: str, model, s: DemoSettings, data, *, steps: int, lr: float, ev
            on_step, teacher=None):
     cfg = TrainConfig(task="distill" if teacher is not None else "finetune", max_steps=steps,
                       lr=lr, warmup_steps=max(steps // 20, 1), min_lr_ratio=s.min_lr_ratio,
-                      alpha=s.alpha,
-                      temperature=s.temperature, seed=s.seed, progress=False,
+                      alpha=s.alpha, temperature=s.temperature, divergence=s.divergence,
+                      seed=s.seed, progress=False,
                       weight_decay=0.0, optimizer=s.optimizer)
     trainer = Trainer(model, cfg, data, teacher=teacher, device=s.device)
     t0 = time.perf_counter()
