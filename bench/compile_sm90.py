@@ -149,7 +149,7 @@ def attention_cases(head_dims, dtypes, variants) -> list[Case]:
                     spec = Rope(10000.0) if rope else None
                     scale = head_dim ** -0.5
                     out, lse = tb.self_attention_with_lse(q, k, k, mask, None, 0, causal,
-                                                          scale, spec)
+                                                          scale, spec, True)
                     out = _empty(*q.shape, dtype=dt)
                     lse = _empty(batch, hq, seq, dtype=torch.float32)
                     for deterministic in (True, False):  # False: dQ by atomics in dK/dV

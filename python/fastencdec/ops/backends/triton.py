@@ -83,7 +83,7 @@ def _positive_scale(q, scale):
 
 
 def self_attention_with_lse(q, k, v, mask, positions, offset, causal, scale, rope,
-                            deterministic=True):
+                            deterministic):
     del deterministic  # the forward has no atomics
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     q, scale = _positive_scale(q, scale)
@@ -93,10 +93,11 @@ def self_attention_with_lse(q, k, v, mask, positions, offset, causal, scale, rop
 
 
 def self_attention(q, k, v, mask, positions, offset, causal, scale, rope):
-    return self_attention_with_lse(q, k, v, mask, positions, offset, causal, scale, rope)[0]
+    return self_attention_with_lse(q, k, v, mask, positions, offset, causal, scale, rope,
+                                   True)[0]
 
 
-def cross_attention_with_lse(q, k, v, mask, scale, deterministic=True):
+def cross_attention_with_lse(q, k, v, mask, scale, deterministic):
     del deterministic
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     q, scale = _positive_scale(q, scale)
@@ -107,11 +108,11 @@ def cross_attention(q, k, v, mask, scale):
     if q.shape[1] <= DECODE_MAX_QUERIES:  # few queries, many keys: split-K decode kernel
         return _decode.decode_attention(q, k, v, key_mask=mask, scale=scale,
                                         num_splits=_splits(), sm_count=_sm_count(q.device))
-    return cross_attention_with_lse(q, k, v, mask, scale)[0]
+    return cross_attention_with_lse(q, k, v, mask, scale, True)[0]
 
 
 def attention_backward(grad_out, q, k, v, out, lse, mask, positions, offset, causal, scale,
-                       rope, need_dq, need_dkv, deterministic=True):
+                       rope, need_dq, need_dkv, deterministic):
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     sign = 1.0 if scale > 0 else (-1.0 if scale < 0 else 0.0)
     q, scale = _positive_scale(q, scale)
