@@ -150,6 +150,7 @@ def launch(kernel, kind: str, args, static: dict, grid_for, reset_to_zero=None) 
         return
     tuned = _tuned(kernel, kind, static["HEAD_DIM"], fp32=static["DOT_PRECISION"] == "ieee",
                    causal=static["CAUSAL"], has_pad=static["HAS_PAD"],
+                   atomic_dq=static.get("ATOMIC_DQ", False),
                    reset_to_zero=tuple(reset_to_zero or ()))
     tuned[lambda meta: grid_for(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **static)
 
@@ -163,14 +164,15 @@ def size_class(head_dim: int) -> str:
 # spill reports, Triton's shared-memory size; ``bench/compile_sm90.py --full`` checks
 # every one of them for every variant and head_dim): none spills for bf16/fp16, none
 # needs more than 227 KiB. (Dropped by that check: dK/dV 64x64 and 32x64/4 warps at
-# D=80-128, 64x32 at D=256, forward 128x32 at D=256: 4-88 B of spills in some
-# variant.) Not yet timed on a GPU.
+# D=80-128, 64x32 at D=256, forward 128x32 and 64x64 at D=256: 4-88 B of spills in
+# some variant; dK/dV with 128-key tiles when it also accumulates dQ, see below.)
+# Not yet timed on a GPU.
 GPU_CONFIGS = {
     ("fwd", "small"): [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (64, 128, 4, 3),
                        (128, 32, 4, 3)],
     ("fwd", "medium"): [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 2), (128, 32, 8, 3),
                         (64, 64, 4, 3), (64, 32, 4, 3)],
-    ("fwd", "large"): [(64, 64, 8, 2), (64, 32, 8, 3), (64, 32, 8, 2), (64, 16, 4, 2)],
+    ("fwd", "large"): [(64, 32, 8, 3), (64, 32, 8, 2), (64, 16, 4, 2)],
     ("dkdv", "small"): [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 8, 3), (32, 64, 8, 3),
                         (16, 64, 4, 3)],
     ("dkdv", "medium"): [(32, 64, 8, 2), (32, 128, 8, 2), (16, 128, 8, 2)],
@@ -208,13 +210,16 @@ TUNING_KEYS = ["seq_bucket", "GROUP", "HEAD_DIM", "CAUSAL", "HAS_PAD", "ROPE"]
 ONE_CONFIG_ENV_VAR = "FASTENCDEC_AUTOTUNE_ONE"
 
 
-def gpu_configs(kind: str, head_dim: int, *, fp32: bool, causal: bool,
-                has_pad: bool) -> list[tuple[int, int, int, int]]:
+def gpu_configs(kind: str, head_dim: int, *, fp32: bool, causal: bool, has_pad: bool,
+                atomic_dq: bool = False) -> list[tuple[int, int, int, int]]:
     """The autotune candidates of one kernel for one problem variant."""
     table = FP32_GPU_CONFIGS if fp32 else GPU_CONFIGS
     configs = list(table[(kind, size_class(head_dim))])
     if kind == "fwd" and not fp32 and _wide_fwd_fits(head_dim, causal, has_pad):
         configs.insert(0, WIDE_FWD)
+    if kind == "dkdv" and atomic_dq and has_pad and head_dim > 64:
+        # the atomics' dQ tile plus the padding mask: a 32x128 tile spills (36-80 B)
+        configs = [c for c in configs if c[0] * c[1] < 32 * 128]
     if os.environ.get(ONE_CONFIG_ENV_VAR) == "1":
         configs = configs[:1]
     return configs
@@ -224,11 +229,12 @@ _TUNED: dict[tuple, object] = {}
 
 
 def _tuned(kernel, kind: str, head_dim: int, *, fp32: bool, causal: bool, has_pad: bool,
-           reset_to_zero: tuple = ()):
+           atomic_dq: bool = False, reset_to_zero: tuple = ()):
     """The autotuned wrapper of ``kernel`` for one problem variant. Tuning results are
     kept in Triton's cache directory (``cache_results``) where this Triton has it, so a
     new process does not re-tune."""
-    configs = gpu_configs(kind, head_dim, fp32=fp32, causal=causal, has_pad=has_pad)
+    configs = gpu_configs(kind, head_dim, fp32=fp32, causal=causal, has_pad=has_pad,
+                          atomic_dq=atomic_dq)
     key = (kind, tuple(configs), reset_to_zero)
     if key not in _TUNED:
         configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
