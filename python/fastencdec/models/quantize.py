@@ -252,14 +252,16 @@ class Int8Linear(_PackedLinear):
         m = x2.shape[0]
         if m == 0:
             return x.new_zeros(*x.shape[:-1], self.out_features)
-        # max |x| per row from two reductions: no [M, K] temporary (vector_norm(inf) is
-        # ~15x slower on CPU, and each large temporary costs page faults per call).
-        r = torch.maximum(x2.amax(1, keepdim=True), x2.amin(1, keepdim=True).neg_())
         # x / r lies in [-1, 1]; rows with r = 0, NaN or Inf give NaN here, zeroed so that
         # they cannot disturb the GEMM, and come back as bias (r = 0) or NaN (r * 0).
-        xs = x2.new_empty(m + self._anchor.shape[0], self.in_features)
-        torch.div(x2, r, out=xs[:m]).nan_to_num_(0.0, 0.0, 0.0)
-        xs[m:] = self._anchor
+        if x2.numel() <= 1 << 16:  # decoding: fewest ops (each costs microseconds)
+            r = x2.abs().amax(1, keepdim=True)
+            xs = torch.cat([torch.div(x2, r).nan_to_num_(0.0, 0.0, 0.0), self._anchor])
+        else:  # no [M, K] temporaries beyond xs: large ones cost page faults per call
+            r = torch.maximum(x2.amax(1, keepdim=True), x2.amin(1, keepdim=True).neg_())
+            xs = x2.new_empty(m + self._anchor.shape[0], self.in_features)
+            torch.div(x2, r, out=xs[:m]).nan_to_num_(0.0, 0.0, 0.0)
+            xs[m:] = self._anchor
         y = torch.ops.quantized.linear_dynamic(xs, self._packed, False)[:m]
         y = y.mul_(r) if self.bias is None else torch.addcmul(self.bias, y, r)
         return y.view(*x.shape[:-1], self.out_features)
