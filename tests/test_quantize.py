@@ -230,6 +230,23 @@ def test_bf16_linear_matches_float(k, n, seed):
         assert err < LINEAR_RTOL["bf16"], f"bf16 vs fp32 rel err {err:.2e} for x {shape}"
 
 
+def test_bf16_linear_without_onednn_bf16_keeps_a_plain_weight(monkeypatch, seed):
+    """CPUs where oneDNN has no bf16 kernel: the same module on F.linear."""
+    import fastencdec.models.quantize as quantize
+
+    lin = float_linear(48, 20, True, torch.Generator().manual_seed(seed))
+    packed = Bf16Linear.from_float(lin)
+    monkeypatch.setattr(quantize, "_mkldnn_bf16", lambda: False)
+    plain = Bf16Linear.from_float(lin)
+    assert not plain._packed.is_mkldnn
+    x = torch.randn(2, 5, 48, dtype=torch.bfloat16)
+    torch.testing.assert_close(plain(x), packed(x), rtol=1e-2, atol=1e-2)
+    assert torch.equal(plain.weight, packed.weight)
+    clone = Bf16Linear(48, 20)
+    clone.load_state_dict(plain.state_dict())
+    assert torch.equal(clone(x), plain(x))
+
+
 # -- whole models --------------------------------------------------------------------------
 def tiny(arch):
     if arch == "encdec":
