@@ -577,11 +577,14 @@ def rope_loop_comparison(head_dims=(64, 128)) -> list[dict]:
             for launch in launches_of(case):
                 if launch.fn.__name__ not in LOOP_CONFIGS:
                     continue  # the RoPE pass and the preprocess kernel have no main loop
+                if launch.kwargs.get("ATOMIC_DQ") or launch.kwargs.get("GROUP_SPLIT"):
+                    continue  # the default (deterministic, whole-group) backward only
                 bm, bn, warps, stages = LOOP_CONFIGS[launch.fn.__name__]
                 cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
                 kernel, log = compile_launch(launch, cfg, 90)
                 loops = sass_loops(sass(kernel.asm["cubin"]))
                 rows.append({"kernel": launch.fn.__name__, "head_dim": head_dim, "rope": rope,
+                             "flags": constexpr_label(launch),
                              "config": f"{bm}x{bn} w{warps} s{stages}",
                              "main_loop_instructions": loops[0]["instructions"] if loops else None,
                              "loops": loops, "smem": int(kernel.metadata.shared),
