@@ -1,6 +1,7 @@
-"""Host-side setup shared by the attention launchers (``attention_fwd``/``attention_bwd``):
-the problem description the kernels read, RoPE cos/sin tables, and tile choice
-(fixed small tiles under the CPU interpreter, autotuned configs on a GPU).
+"""Host-side setup shared by the attention launchers (``attention_fwd``/``attention_bwd``)
+and the RoPE pass (``rope``): the problem description the kernels read, RoPE cos/sin
+tables, and tile choice (fixed small tiles under the CPU interpreter, autotuned
+configs on a GPU, chosen per problem variant).
 
 RoPE cos/sin come from tables of the reference's float64 angles, built on the host
 (fp32 for fp32 inputs, fp16 for 16-bit ones), one row per token: ``[L, D/2]`` for a
@@ -20,8 +21,9 @@ import triton
 
 from ..spec import Rope, rope_inv_freq
 
-__all__ = ["AttentionProblem", "make_problem", "rope_tables", "launch", "interpreting",
-           "strides3", "static_args", "side_inputs", "seq_bucket"]
+__all__ = ["AttentionProblem", "make_problem", "rope_tables", "table_dtype", "launch",
+           "interpreting", "gpu_configs", "size_class", "strides3", "static_args",
+           "side_inputs", "seq_bucket"]
 
 # (BLOCK_M = queries, BLOCK_N = keys) per kernel under the CPU interpreter: small
 # tiles keep tests fast while still spanning several tiles at modest lengths.
