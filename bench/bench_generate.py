@@ -133,7 +133,8 @@ class FastencdecEngine:
             model = model if converted is None else converted
             self.path = "fastencdec.models.quantize.to_inference"
         self.model = model.eval()
-        self.params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        # From the config: converted models hold packed weights that parameters() skips.
+        self.params = model.config.num_parameters()
 
     def generate(self, rows: list[list[int]], new_tokens: int):
         torch = self.torch
