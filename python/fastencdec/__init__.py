@@ -1,7 +1,15 @@
 """fastencdec: kernels and a thin PyTorch layer for small encoder-decoder LMs."""
 
 from . import ops, reference
-from .models import DecoderOnlyConfig, DecoderOnlyLM, EncDecConfig, EncoderDecoderLM
+from .models import (
+    DecoderOnlyConfig,
+    DecoderOnlyLM,
+    EncDecConfig,
+    EncoderDecoderLM,
+    load_inference,
+    to_inference,
+)
+from .spec import Rope
 
 __version__ = "0.1.0"
 
@@ -12,5 +20,8 @@ __all__ = [
     "DecoderOnlyConfig",
     "EncoderDecoderLM",
     "DecoderOnlyLM",
+    "Rope",
+    "to_inference",
+    "load_inference",
     "__version__",
 ]

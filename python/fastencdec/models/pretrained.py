@@ -47,6 +47,17 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[str, tup
         raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
 
 
+def _stored_weight_format(path: Path) -> str | None:
+    """The inference format a file was saved in by ``save_inference``, or None."""
+    from .quantize import FORMAT_KEY
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get(FORMAT_KEY)
+    except SafetensorError as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
+
+
 def _layer_lists(model: nn.Module, config) -> dict[str, str]:
     """``{ModuleList name: config field}`` for a model built with layer field ``j`` set
     to ``j + 1`` layers (so each list's length names its field)."""
@@ -161,7 +172,25 @@ class PretrainedMixin:
         """Context manager forcing every op to ``name`` (see :mod:`.backend`)."""
         return ops_backend(name)
 
+    def to_inference(self, dtype: str = "int8"):
+        """Convert in place for CPU inference: ``"int8"`` (per-channel int8 weights, the LM
+        head included), ``"bf16"`` or ``"fp32"``; see :mod:`fastencdec.models.quantize`."""
+        from .quantize import to_inference
+
+        return to_inference(self, dtype)
+
+    def save_inference(self, directory: str | os.PathLike) -> None:
+        """Save a model converted by :meth:`to_inference` (its format in the file)."""
+        from .quantize import save_inference
+
+        save_inference(self, directory)
+
     def save_pretrained(self, directory: str | os.PathLike) -> None:
+        from .quantize import weight_format
+
+        if weight_format(self) in ("int8", "bf16"):
+            raise ValueError(f"this model was converted with to_inference "
+                             f"({weight_format(self)}): save it with save_inference(directory)")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tied = {"lm_head.weight"} if self.config.tie_embeddings else set()
@@ -185,6 +214,10 @@ class PretrainedMixin:
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory / name} not found (not a saved model?)")
         config_path, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        stored_format = _stored_weight_format(weights)
+        if stored_format in ("int8", "bf16"):
+            raise ValueError(f"{weights} holds {stored_format} inference weights: load it with "
+                             "fastencdec.models.quantize.load_inference(directory)")
         config = cls.config_class.load(config_path)
         check_weights_header(cls, config, read_safetensors_header(weights), str(weights),
                              str(config_path))
