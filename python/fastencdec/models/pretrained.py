@@ -214,11 +214,11 @@ class PretrainedMixin:
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory / name} not found (not a saved model?)")
         config_path, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        config = cls.config_class.load(config_path)
         stored_format = _stored_weight_format(weights)
         if stored_format in ("int8", "bf16"):
             raise ValueError(f"{weights} holds {stored_format} inference weights: load it with "
                              "fastencdec.models.quantize.load_inference(directory)")
-        config = cls.config_class.load(config_path)
         check_weights_header(cls, config, read_safetensors_header(weights), str(weights),
                              str(config_path))
         try:
