@@ -19,6 +19,7 @@ namespace py = pybind11;
 using fastencdec::bind::checked_data;
 using fastencdec::bind::expect_dim;
 using fastencdec::cpu::AttentionProblem;
+using fastencdec::cpu::RmsNormProblem;
 using fastencdec::cpu::AppendKvCacheProblem;
 using fastencdec::cpu::Storage;
 
@@ -32,6 +33,8 @@ void apply_rope_impl(const float* x, float* out, const int64_t* pos, const doubl
 void attention_impl(const AttentionProblem& p) { FED_DISPATCH(attention_forward, p); }
 
 void append_kv_cache_impl(const AppendKvCacheProblem& p) { FED_DISPATCH(append_kv_cache, p); }
+
+void rms_norm_impl(const RmsNormProblem& p) { FED_DISPATCH(rms_norm, p); }
 
 std::vector<double> rope_inv_freq(double base, int64_t head_dim) {
   if (!(base > 0.0) || !std::isfinite(base))
@@ -265,6 +268,31 @@ void append_kv_cache(py::array q, py::array k, py::array v, py::array k_cache, p
   append_kv_cache_impl(p);
 }
 
+void rms_norm(py::array x, py::array weight, py::array out, double eps,
+              const std::string& storage, int num_threads) {
+  RmsNormProblem p;
+  p.storage = parse_storage(storage);
+  if (p.storage == fastencdec::cpu::Storage::kF32) {
+    p.x = checked_data<float>(x, "x", 2, false);
+    p.out = checked_data<float>(out, "out", 2, true);
+  } else {
+    p.x = checked_data<uint16_t>(x, "x", 2, false);
+    p.out = checked_data<uint16_t>(out, "out", 2, true);
+  }
+  p.rows = x.shape(0);
+  p.dim = x.shape(1);
+  expect_shape(out, "out", {p.rows, p.dim});
+  p.weight = checked_data<float>(weight, "weight", 1, false);
+  expect_dim(weight, "weight", 0, p.dim);
+  if (!std::isfinite(eps) || eps < 0.0) throw py::value_error("eps must be finite and >= 0");
+  p.eps = static_cast<float>(eps);
+  check_threads(num_threads);
+  p.num_threads = num_threads;
+  fastencdec::cpu::active_isa();
+  py::gil_scoped_release release;
+  rms_norm_impl(p);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -296,6 +324,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("rope"), py::arg("rope_base"), py::arg("storage"), py::arg("num_threads"),
         "RoPE on new q/k [B, T, H*, D] at positions cache_seqlens[b] + t; writes k, v into "
         "the caches [B, Lmax, Hkv, D] in place and rotated q into q_out (when rope).");
+  m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("weight"), py::arg("out"), py::arg("eps"),
+        py::arg("storage"), py::arg("num_threads"),
+        "RMSNorm of x [rows, dim] (storage dtype) with fp32 weight [dim] into out (same "
+        "shape and storage), computed in fp32.");
   m.def("active_isa", [] { return std::string(fastencdec::cpu::isa_name(fastencdec::cpu::active_isa())); },
         "ISA the kernels run with (honours FASTENCDEC_CPU_ISA).");
   m.def("reset_isa", &fastencdec::cpu::reset_isa, "Re-read FASTENCDEC_CPU_ISA.");

@@ -131,7 +131,17 @@ def _rope_case(rng, gen, op):
     return ops.apply_rope, reference.apply_rope, [x, pos], kwargs, torch.float32
 
 
+def _norm_case(rng, gen, op):
+    shape = rng.choice([(1, 16), (2, 3, 40), (5, 7), (1, 1, 1)])
+    dtype = rng.choice([torch.float32, torch.float16, torch.float64])
+    x = _rand(gen, *shape, dtype=dtype)
+    weight = _rand(gen, shape[-1] if rng.random() > 0.1 else shape[-1] + 1)
+    eps = rng.choice([1e-6, 1e-5, 0.0, float("nan"), -1.0])
+    return ops.rms_norm, reference.rms_norm, [x, weight, eps], {}, dtype
+
+
 MAKERS = {
+    "rms_norm": _norm_case,
     "self_attention": _attention_case,
     "cross_attention": _attention_case,
     "decode_attention": _decode_case,

@@ -55,6 +55,18 @@ struct AppendKvCacheProblem {
   int num_threads = 1;
 };
 
+// RMSNorm of x [rows, dim] (storage dtype) with an fp32 weight [dim] into out
+// (same shape and storage; may not alias x partially). Compute in fp32.
+struct RmsNormProblem {
+  Storage storage = Storage::kF32;
+  const void* x = nullptr;
+  void* out = nullptr;
+  const float* weight = nullptr;
+  int64_t rows = 0, dim = 0;
+  float eps = 1e-6f;
+  int num_threads = 1;
+};
+
 }  // namespace fastencdec::cpu
 
 #define FED_DECLARE_KERNELS(NS)                                                          \
@@ -68,6 +80,8 @@ struct AppendKvCacheProblem {
   void attention_forward(const AttentionProblem& problem);                               \
   /* RoPE + KV-cache append (AppendKvCacheProblem). */                                        \
   void append_kv_cache(const AppendKvCacheProblem& problem);                                  \
+  /* RMSNorm over the last dimension (RmsNormProblem). */                                \
+  void rms_norm(const RmsNormProblem& problem);                                          \
   }
 
 FED_DECLARE_KERNELS(scalar)

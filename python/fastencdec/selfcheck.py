@@ -85,6 +85,7 @@ def _cases(device, dtype, gen):
         return q_rot, k_cache, m.decode_attention(q_rot, k_cache, v_cache, lens + 3)
 
     yield "apply_rope", lambda m: m.apply_rope(q, 5)
+    yield "rms_norm", lambda m: m.rms_norm(q, rnd(d), 1e-6)
     yield "self_attention causal", lambda m: m.self_attention(
         q, k, v, causal=True, key_padding_mask=mask, positions=3)
     yield "self_attention bidirectional", lambda m: m.self_attention(

@@ -21,7 +21,7 @@ from .config import _CommonConfig
 
 class RMSNorm(nn.Module):
     """``x / rms(x) * weight``, computed in fp32 for half-precision activations
-    (float64 stays float64)."""
+    (float64 stays float64); ``ops.rms_norm`` (fused kernels in inference)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -29,10 +29,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        compute = torch.promote_types(x.dtype, torch.float32)
-        xc = x.to(compute)
-        xc = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xc * self.weight.to(compute)).to(x.dtype)
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class GeluMLP(nn.Module):

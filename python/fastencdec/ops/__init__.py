@@ -12,6 +12,7 @@ from ..spec import Rope
 from . import library  # noqa: F401  (registers the custom ops)
 from .attention import append_kv_cache, cross_attention, decode_attention, self_attention
 from .distill import distill_loss, distill_loss_from_logits, distill_loss_from_teacher_hidden
+from .norm import rms_norm
 from .rope import apply_rope
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "decode_attention",
     "append_kv_cache",
     "apply_rope",
+    "rms_norm",
     "distill_loss",
     "distill_loss_from_logits",
     "distill_loss_from_teacher_hidden",

@@ -152,8 +152,8 @@ def choose_backend(op: str, device: torch.device | str) -> str:
 
 def summary(device: str = "cpu") -> dict[str, str]:
     """Backend each public op would use for inference inputs on ``device``."""
-    public = ("apply_rope", "self_attention", "cross_attention", "decode_attention",
-              "append_kv_cache", "distill_loss", "distill_loss_from_logits",
+    public = ("apply_rope", "rms_norm", "self_attention", "cross_attention",
+              "decode_attention", "append_kv_cache", "distill_loss", "distill_loss_from_logits",
               "distill_loss_from_teacher_hidden")
     return {op: choose_backend(op, device) for op in public}
 

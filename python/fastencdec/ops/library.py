@@ -70,6 +70,7 @@ def _grad_or_empty(t: torch.Tensor, wanted: bool) -> torch.Tensor:
 
 
 OPS["apply_rope"].register_fake(lambda x, *rest: _like(x))
+OPS["rms_norm"].register_fake(lambda x, *rest: _like(x))
 OPS["self_attention"].register_fake(lambda q, *rest: _like(q))
 OPS["self_attention_with_lse"].register_fake(lambda q, *rest: (_like(q), _lse(q)))
 OPS["cross_attention"].register_fake(lambda q, *rest: _like(q))

@@ -74,6 +74,8 @@ SCHEMAS: dict[str, OpSchema] = {s.name: s for s in (
     OpSchema("apply_rope", _args("x: Tensor, positions: Tensor?, position_offset: int, "
                                  "rope: Rope, inverse: bool"), "Tensor",
              doc="rotate x [B, L, H, D] (inverse: the transpose)"),
+    OpSchema("rms_norm", _args("x: Tensor, weight: Tensor, eps: float"), "Tensor",
+             doc="RMSNorm over the last dimension (inference kernels)"),
     OpSchema("self_attention", _args(_SELF), "Tensor",
              doc="fused RoPE + GQA self-attention, inference"),
     OpSchema("self_attention_with_lse", _args(_SELF + _DETERMINISTIC), "(Tensor, Tensor)",

@@ -19,6 +19,7 @@ from .distill import (
     distill_loss_from_logits,
     distill_loss_from_teacher_hidden,
 )
+from .norm import rms_norm
 from .rope import apply_rope, rope_base, rotate
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "append_kv_cache",
     "attention_backward",
     "apply_rope",
+    "rms_norm",
     "rotate",
     "rope_base",
     "distill_loss",

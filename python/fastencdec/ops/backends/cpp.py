@@ -76,6 +76,18 @@ def apply_rope(x, positions, offset, rope, inverse):
     return out.to(x.dtype)
 
 
+def rms_norm(x, weight, eps):
+    x = _dense(x)
+    out = torch.empty_like(x)
+    if x.numel():
+        rows = x.numel() // x.shape[-1]
+        w = weight if weight.dtype is torch.float32 else weight.float()
+        _cpp.rms_norm(_np(x.view(rows, x.shape[-1])), _dense(w).numpy(),
+                      _np(out.view(rows, x.shape[-1])), eps, _STORAGE[x.dtype],
+                      torch.get_num_threads())
+    return out
+
+
 def self_attention(q, k, v, mask, positions, offset, causal, scale, rope):
     """Fused RoPE (on q/k tiles as they are loaded) + GQA self-attention."""
     q, k, v = _dense(q), _dense(k), _dense(v)
@@ -174,6 +186,7 @@ def _unsupported_append(q, k, v, k_cache, v_cache, *args) -> str | None:
 
 KERNELS = {
     "apply_rope": Kernel(apply_rope, _unsupported_apply_rope),
+    "rms_norm": Kernel(rms_norm, _unsupported_dtype),
     "self_attention": Kernel(self_attention, _unsupported_dtype),
     "cross_attention": Kernel(cross_attention, _unsupported_dtype),
     "decode_attention": Kernel(decode_attention, _unsupported_dtype),

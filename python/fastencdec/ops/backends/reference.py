@@ -22,6 +22,10 @@ def apply_rope(x, positions, offset, rope, inverse):
     return ref.rotate(x, _positions(positions, offset), rope, inverse=inverse)
 
 
+def rms_norm(x, weight, eps):
+    return ref.rms_norm(x, weight, eps).contiguous()
+
+
 def self_attention(q, k, v, mask, positions, offset, causal, scale, rope, with_lse=False):
     return ref.self_attention(q, k, v, causal=causal, key_padding_mask=mask,
                               positions=_positions(positions, offset),
@@ -112,6 +116,7 @@ def distill_loss_from_teacher_hidden(hidden, weight, t_hidden, t_weight, labels,
 
 KERNELS = {name: Kernel(fn) for name, fn in {
     "apply_rope": apply_rope,
+    "rms_norm": rms_norm,
     "self_attention": self_attention,
     "self_attention_with_lse": self_attention_with_lse,
     "cross_attention": cross_attention,

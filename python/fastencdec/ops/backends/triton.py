@@ -33,6 +33,7 @@ from ...kernels import attention_bwd as _bwd
 from ...kernels import attention_fwd as _fwd
 from ...kernels import decode_attention as _decode
 from ...kernels import distill_loss as _distill
+from ...kernels import rms_norm as _rms_norm
 from ...kernels import rope as _rope
 from ...kernels.attention_setup import (
     MAX_GRID_YZ,
@@ -292,7 +293,20 @@ def _unsupported_distill(hidden, *args) -> str | None:
     return None
 
 
+def rms_norm(x, weight, eps):
+    return _rms_norm.rms_norm(x, weight, eps)
+
+
+def _unsupported_norm(x, *args) -> str | None:
+    if x.dtype not in _DTYPES:
+        return f"{x.dtype} has no Triton RMSNorm kernel"
+    if x.shape[-1] > 65536:
+        return "rows longer than 65536 have no Triton RMSNorm kernel"
+    return None
+
+
 KERNELS = {
+    "rms_norm": Kernel(rms_norm, _unsupported_norm),
     "apply_rope": Kernel(apply_rope, _unsupported_rope),
     "self_attention": Kernel(self_attention, _unsupported_attention),
     "self_attention_with_lse": Kernel(self_attention_with_lse, _unsupported_attention),
