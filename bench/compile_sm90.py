@@ -262,6 +262,25 @@ def rope_cases(head_dims, dtypes) -> list[Case]:
 
 
 # (causal, padded, rope): decoder self-attention, padded encoder, cross-attention, ...
+def op_cases(dtypes) -> list[Case]:
+    """Other ops of the Triton backend whose kernels take (x, weight, eps)-style inputs:
+    RMSNorm at mu-330m's width, where the backend has it."""
+    from fastencdec.ops.backends import triton as tb
+
+    cases = []
+    if "rms_norm" in tb.KERNELS:
+        for dtype in dtypes:
+            dt = getattr(torch, dtype)
+
+            def run(dt=dt):
+                x = _empty(4096, 1024, dtype=dt)
+                tb.KERNELS["rms_norm"].fn(x, _empty(1024, dtype=dt), 1e-6)
+
+            cases.append(Case(f"rms_norm d=1024 {dtype}", "norm", None, dtype, run,
+                              fp32=dtype == "float32"))
+    return cases
+
+
 VARIANTS_FULL = [(True, False, True), (True, True, True), (False, True, True),
                  (False, False, False)]
 # CI: the worst case (every mask and RoPE) and the one that gets the 128x128 tile
@@ -279,10 +298,10 @@ def all_cases(full: bool, dims=FULL_DIMS, dtypes=FULL_DTYPES) -> list[Case]:
         return (attention_cases(dims, dtypes, VARIANTS_FULL)
                 + rope_cases([d for d in (64, 128) if d in dims] or dims[:1], dtypes)
                 + decode_cases([d for d in (64, 128, 256) if d in dims] or dims[:1], dtypes)
-                + distill_cases(dtypes))
+                + distill_cases(dtypes) + op_cases(dtypes))
     return (attention_cases((128,), ("bfloat16",), VARIANTS_CI)
             + rope_cases((128,), ("bfloat16",)) + decode_cases((128,), ("bfloat16",))
-            + distill_cases(("bfloat16",), DISTILL_VARIANTS[:1]))
+            + distill_cases(("bfloat16",), DISTILL_VARIANTS[:1]) + op_cases(("bfloat16",)))
 
 
 # --------------------------------------------------------------------------- compiling
