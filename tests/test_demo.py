@@ -47,8 +47,9 @@ def test_demo_is_deterministic_for_a_seed(tmp_path, capsys):
         s.n_test, s.gen_new_tokens, s.parallel = 12, 2, parallel
         results.append(run_demo(s))
     capsys.readouterr()
-    assert results[0]["accuracy"] == results[1]["accuracy"]  # every number, exactly
-    assert results[0]["losses"] == results[1]["losses"]
+    for name, run in results[0]["accuracy"].items():  # every number, exactly
+        assert run == results[1]["accuracy"][name], name
+        assert results[0]["losses"][name] == results[1]["losses"][name], name
     assert [v["shown"] for v in results[0]["verdicts"][:3]] == [
         v["shown"] for v in results[1]["verdicts"][:3]]
 
