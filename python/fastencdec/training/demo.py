@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
+from queue import Empty
 
 import torch
 
@@ -391,13 +392,14 @@ def _train_all(s: DemoSettings, shared: _Shared, jobs: list, progress: _Progress
             if job.index == 0:
                 teacher = runs[job.index]["model"]
         while proc is not None and len(runs) < len(jobs):
-            try:
+            alive = proc.is_alive()  # read before the queue: a result sent just before
+            try:                     # the process ended is still found below
                 kind, index, payload = queue.get(timeout=0.5)
-            except Exception:  # queue.Empty: keep the bar moving
+            except Empty:  # keep the bar moving
                 progress.advance(counter.value - seen[0])
                 seen[0] = counter.value
-                if not proc.is_alive() and queue.empty():
-                    raise RuntimeError("the demo's second process died without a result "
+                if not alive:
+                    raise RuntimeError("the demo's second process ended without a result "
                                        f"(exit code {proc.exitcode})") from None
                 continue
             if kind == "error":
