@@ -116,3 +116,18 @@ def test_run_config_errors_name_the_key(tmp_path):
         run_training({"task": "finetune", "data": {"train": "x"}})
     with pytest.raises(ValueError, match="'steps' \\(did you mean 'max_steps'\\?\\)"):
         run_training({"output_dir": str(tmp_path), "training": {"steps": 3}})
+
+
+def _die(*args):
+    os._exit(3)
+
+
+def test_demo_reports_a_dead_second_process(tmp_path, monkeypatch, capsys):
+    from fastencdec.training import demo
+
+    monkeypatch.setattr(demo, "_worker", _die)  # the spawned process runs this instead
+    monkeypatch.setattr(demo, "available_cores", lambda: 2)
+    s = demo.DemoSettings.for_mode(quick=True, device="cpu", out_dir=str(tmp_path), steps=2)
+    s.parallel, s.n_test = True, 4
+    with pytest.raises(RuntimeError, match="second process ended without a result \\(exit code 3\\)"):
+        demo.run_demo(s)
