@@ -20,6 +20,7 @@ using fastencdec::bind::checked_data;
 using fastencdec::bind::expect_dim;
 using fastencdec::cpu::AttentionProblem;
 using fastencdec::cpu::RmsNormProblem;
+using fastencdec::cpu::ScaleRowsProblem;
 using fastencdec::cpu::AppendKvCacheProblem;
 using fastencdec::cpu::Storage;
 
@@ -35,6 +36,8 @@ void attention_impl(const AttentionProblem& p) { FED_DISPATCH(attention_forward,
 void append_kv_cache_impl(const AppendKvCacheProblem& p) { FED_DISPATCH(append_kv_cache, p); }
 
 void rms_norm_impl(const RmsNormProblem& p) { FED_DISPATCH(rms_norm, p); }
+
+void scale_rows_impl(const ScaleRowsProblem& p) { FED_DISPATCH(scale_rows, p); }
 
 std::vector<double> rope_inv_freq(double base, int64_t head_dim) {
   if (!(base > 0.0) || !std::isfinite(base))
@@ -293,6 +296,23 @@ void rms_norm(py::array x, py::array weight, py::array out, double eps,
   rms_norm_impl(p);
 }
 
+void scale_rows(py::array x, py::array xs, py::array r, int num_threads) {
+  ScaleRowsProblem p;
+  p.x = checked_data<float>(x, "x", 2, false);
+  p.xs = checked_data<float>(xs, "xs", 2, true);
+  p.r = checked_data<float>(r, "r", 1, true);
+  p.rows = x.shape(0);
+  p.dim = x.shape(1);
+  if (p.dim < 2) throw py::value_error("scale_rows: x needs at least 2 columns");
+  expect_shape(xs, "xs", {p.rows + 1, p.dim});
+  expect_dim(r, "r", 0, p.rows);
+  check_threads(num_threads);
+  p.num_threads = num_threads;
+  fastencdec::cpu::active_isa();
+  py::gil_scoped_release release;
+  scale_rows_impl(p);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -328,6 +348,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("storage"), py::arg("num_threads"),
         "RMSNorm of x [rows, dim] (storage dtype) with fp32 weight [dim] into out (same "
         "shape and storage), computed in fp32.");
+  m.def("scale_rows", &scale_rows, py::arg("x"), py::arg("xs"), py::arg("r"),
+        py::arg("num_threads"),
+        "Int8 linear row preparation: r[m] = max |x[m]| (NaN for a non-finite row), "
+        "xs[m] = x[m] / r[m] (0 where r is 0 or not finite), xs[M] = [-1, 1, 0, ...].");
   m.def("active_isa", [] { return std::string(fastencdec::cpu::isa_name(fastencdec::cpu::active_isa())); },
         "ISA the kernels run with (honours FASTENCDEC_CPU_ISA).");
   m.def("reset_isa", &fastencdec::cpu::reset_isa, "Re-read FASTENCDEC_CPU_ISA.");

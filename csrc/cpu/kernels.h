@@ -67,6 +67,17 @@ struct RmsNormProblem {
   int num_threads = 1;
 };
 
+// Rows of x [rows, dim] fp32 scaled to max |x| = 1 into xs [rows + 1, dim] (0 for a
+// row whose max is 0, NaN or Inf; r gets the max, NaN for a non-finite row), and an
+// anchor row [-1, 1, 0...] appended (see kernels/scale_rows.cpp). dim >= 2.
+struct ScaleRowsProblem {
+  const float* x = nullptr;
+  float* xs = nullptr;
+  float* r = nullptr;
+  int64_t rows = 0, dim = 0;
+  int num_threads = 1;
+};
+
 }  // namespace fastencdec::cpu
 
 #define FED_DECLARE_KERNELS(NS)                                                          \
@@ -82,6 +93,8 @@ struct RmsNormProblem {
   void append_kv_cache(const AppendKvCacheProblem& problem);                                  \
   /* RMSNorm over the last dimension (RmsNormProblem). */                                \
   void rms_norm(const RmsNormProblem& problem);                                          \
+  /* Row scaling for the int8 linear layer (ScaleRowsProblem). */                        \
+  void scale_rows(const ScaleRowsProblem& problem);                                      \
   }
 
 FED_DECLARE_KERNELS(scalar)

@@ -49,6 +49,11 @@ from .pretrained import (
 )
 
 FORMATS = ("fp32", "bf16", "int8")
+
+try:  # the fused row preparation of Int8Linear (a torch-only path remains without it)
+    from fastencdec._C import scale_rows as _scale_rows
+except ImportError:  # pragma: no cover - the compiled module is part of the package
+    _scale_rows = None
 FORMAT_KEY = "fastencdec_weight_format"  # safetensors metadata: the format
 TIED_KEY = "fastencdec_tied"  # safetensors metadata: JSON {alias: stored name}
 
@@ -252,9 +257,14 @@ class Int8Linear(_PackedLinear):
         m = x2.shape[0]
         if m == 0:
             return x.new_zeros(*x.shape[:-1], self.out_features)
-        # x / r lies in [-1, 1]; rows with r = 0, NaN or Inf give NaN here, zeroed so that
-        # they cannot disturb the GEMM, and come back as bias (r = 0) or NaN (r * 0).
-        if x2.numel() <= 1 << 16:  # decoding: fewest ops (each costs microseconds)
+        # x / r lies in [-1, 1]; rows with r = 0, NaN or Inf are zeroed so that they
+        # cannot disturb the GEMM, and come back as bias (r = 0) or NaN (r NaN or Inf).
+        if self.in_features >= 2 and _scale_rows is not None:  # one fused C++ pass
+            x2 = x2 if x2.is_contiguous() else x2.contiguous()
+            xs = x2.new_empty(m + 1, self.in_features)
+            r = x2.new_empty(m, 1)
+            _scale_rows(x2.numpy(), xs.numpy(), r.view(m).numpy(), torch.get_num_threads())
+        elif x2.numel() <= 1 << 16:  # decoding: fewest ops (each costs microseconds)
             r = x2.abs().amax(1, keepdim=True)
             xs = torch.cat([torch.div(x2, r).nan_to_num_(0.0, 0.0, 0.0), self._anchor])
         else:  # no [M, K] temporaries beyond xs: large ones cost page faults per call
