@@ -265,7 +265,7 @@ def logits_of(model, ids, dec_ids):
 @pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8"])
 def test_to_inference_converts_every_linear(arch, fmt, seed):
     model = tiny(arch)
-    converted = to_inference(copy.deepcopy(model), fmt)
+    converted = to_inference(copy.deepcopy(model), fmt, fuse=False)  # every layer by name
     assert weight_format(converted) == fmt and not converted.training
     assert not any(p.requires_grad for p in converted.parameters())
     for name, module in converted.named_modules():
@@ -503,3 +503,27 @@ def recompute_greedy(model, x):
     for _ in range(OUT_LEN):
         seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1)[:, None]], 1)
     return seq[:, x.shape[1]:]
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("arch", ["encdec", "deconly"])
+def test_fused_projections_equal_separate_ones(arch, fmt, seed, tmp_path):
+    """The fused q/k/v layer gives the separate layers' logits (int8 bitwise: each input
+    row is quantised on its own grid), and a saved fused model keeps the float names."""
+    model = tiny(arch)
+    separate = to_inference(copy.deepcopy(model), fmt, fuse=False)
+    fused = to_inference(copy.deepcopy(model), fmt)
+    assert not any(n.rpartition(".")[2] in ("q_proj", "k_proj", "v_proj") and "cross" not in n
+                   for n, _ in fused.named_modules())
+    ids, dec = torch.randint(3, TINY.vocab_size, (2, 9)), torch.randint(3, TINY.vocab_size, (2, 4))
+    want, got = logits_of(separate, ids, dec), logits_of(fused, ids, dec)
+    if fmt == "int8":
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, atol=2e-2 if fmt == "bf16" else 1e-5, rtol=1e-3)
+    fused.save_inference(tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert not any("qkv_proj" in k for k in f.keys())
+    torch.testing.assert_close(logits_of(load_inference(tmp_path), ids, dec), got, atol=0, rtol=0)

@@ -92,6 +92,13 @@ class SelfAttention(_Attention):
                          config.max_position_embeddings)
 
     def _qkv(self, x):
+        fused = self._modules.get("qkv_proj")  # set by models.quantize.fuse_projections
+        if fused is not None:
+            q_width = self.n_heads * self.head_dim
+            kv_width = self.n_kv_heads * self.head_dim
+            q, k, v = fused(x).split((q_width, kv_width, kv_width), dim=-1)
+            return (self._heads(q, self.n_heads), self._heads(k, self.n_kv_heads),
+                    self._heads(v, self.n_kv_heads))
         return (self._heads(self.q_proj(x), self.n_heads),
                 self._heads(self.k_proj(x), self.n_kv_heads),
                 self._heads(self.v_proj(x), self.n_kv_heads))

@@ -40,6 +40,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .layers import SelfAttention
 from .pretrained import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -413,11 +414,12 @@ def _convert(model: nn.Module, fmt: str, *, quantize: bool) -> None:
                     p.data = p.data.to(dtype)  # norms (and fp32 linears) in fp32
 
 
-def to_inference(model: nn.Module, dtype: str = "int8") -> nn.Module:
+def to_inference(model: nn.Module, dtype: str = "int8", *, fuse: bool = True) -> nn.Module:
     """Convert ``model`` (on the CPU) in place to the inference format ``dtype``
     ("fp32", "bf16" or "int8"; see the module docstring) and return it in eval mode
-    with gradients off. A model already in ``dtype`` is left as it is; one in another
-    inference format is refused (convert the float model instead)."""
+    with gradients off; ``fuse`` also fuses each self-attention's q/k/v projections
+    (:func:`fuse_projections`). A model already in ``dtype`` is left as it is; one in
+    another inference format is refused (convert the float model instead)."""
     fmt = _check_dtype_arg(dtype)
     devices = {t.device.type for t in list(model.parameters()) + list(model.buffers())}
     if devices - {"cpu"}:
@@ -429,8 +431,49 @@ def to_inference(model: nn.Module, dtype: str = "int8") -> nn.Module:
                          f"model to {fmt!r} instead")
     if current != fmt:
         _convert(model, fmt, quantize=True)
+    if fuse:
+        fuse_projections(model)
     model.requires_grad_(False)
     return model.eval()
+
+
+# -- fused projections --------------------------------------------------------------------
+_FUSED = "qkv_proj"
+_PARTS = ("q_proj", "k_proj", "v_proj")
+
+
+def fuse_projections(model: nn.Module) -> nn.Module:
+    """Replace each self-attention's q/k/v projections by one fused layer (``qkv_proj``):
+    one GEMV instead of three per layer in decoding, where the small ones cost more in
+    fixed per-call work than in weights. The weights move, they are not copied."""
+    for module in list(model.modules()):  # the loop edits the module tree
+        if isinstance(module, SelfAttention) and _PARTS[0] in module._modules:
+            fused = fuse_linears(*(module._modules[name] for name in _PARTS))
+            for name in _PARTS:
+                delattr(module, name)
+            module.qkv_proj = fused
+    return model
+
+
+def _unfused_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every fused ``qkv_proj`` tensor split back into the
+    q/k/v entries of the float model (files keep the float model's names)."""
+    widths = {}
+    for name, module in model.named_modules():
+        if isinstance(module, SelfAttention) and _FUSED in module._modules:
+            q = module.n_heads * module.head_dim
+            kv = module.n_kv_heads * module.head_dim
+            widths[f"{name}.{_FUSED}." if name else f"{_FUSED}."] = (q, kv, kv)
+    out = {}
+    for key, t in model.state_dict().items():
+        prefix = next((p for p in widths if key.startswith(p)), None)
+        if prefix is None:
+            out[key] = t
+            continue
+        attr = key[len(prefix):]
+        for part, piece in zip(_PARTS, t.split(widths[prefix], dim=0), strict=True):
+            out[f"{prefix[:-len(_FUSED) - 1]}{part}.{attr}"] = piece
+    return out
 
 
 # -- files --------------------------------------------------------------------------------
@@ -457,7 +500,7 @@ def save_inference(model: nn.Module, directory: str | os.PathLike) -> None:
                          f"convert it with to_inference first")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    stored, tied = _split_tied(model.state_dict())
+    stored, tied = _split_tied(_unfused_state_dict(model))
     tmp = directory / f".{WEIGHTS_NAME}.tmp-{os.getpid()}"
     save_file(stored, str(tmp), metadata={"format": "pt", FORMAT_KEY: fmt,
                                           TIED_KEY: json.dumps(tied, sort_keys=True)})
@@ -561,9 +604,11 @@ def load_inference(directory: str | os.PathLike, dtype: str | None = None) -> nn
         src_owner, _, src_attr = source.rpartition(".")
         setattr(model.get_submodule(owner), attr,
                 getattr(model.get_submodule(src_owner), src_attr))
+    fuse_projections(model)
     model.requires_grad_(False)
     return model.eval()
 
 
-__all__ = ["FORMATS", "Int8Linear", "Bf16Linear", "fuse_linears", "quantize_per_channel",
-           "to_inference", "weight_format", "save_inference", "load_inference"]
+__all__ = ["FORMATS", "Int8Linear", "Bf16Linear", "fuse_linears", "fuse_projections",
+           "quantize_per_channel", "to_inference", "weight_format", "save_inference",
+           "load_inference"]
