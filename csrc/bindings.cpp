@@ -20,6 +20,7 @@ using fastencdec::bind::checked_data;
 using fastencdec::bind::expect_dim;
 using fastencdec::cpu::AttentionProblem;
 using fastencdec::cpu::RmsNormProblem;
+using fastencdec::cpu::RescaleRowsProblem;
 using fastencdec::cpu::ScaleRowsProblem;
 using fastencdec::cpu::AppendKvCacheProblem;
 using fastencdec::cpu::Storage;
@@ -38,6 +39,8 @@ void append_kv_cache_impl(const AppendKvCacheProblem& p) { FED_DISPATCH(append_k
 void rms_norm_impl(const RmsNormProblem& p) { FED_DISPATCH(rms_norm, p); }
 
 void scale_rows_impl(const ScaleRowsProblem& p) { FED_DISPATCH(scale_rows, p); }
+
+void rescale_rows_impl(const RescaleRowsProblem& p) { FED_DISPATCH(rescale_rows, p); }
 
 std::vector<double> rope_inv_freq(double base, int64_t head_dim) {
   if (!(base > 0.0) || !std::isfinite(base))
@@ -313,6 +316,26 @@ void scale_rows(py::array x, py::array xs, py::array r, int num_threads) {
   scale_rows_impl(p);
 }
 
+void rescale_rows(py::array y, py::array r, py::object bias, bool gelu, int num_threads) {
+  RescaleRowsProblem p;
+  p.y = checked_data<float>(y, "y", 2, true);
+  p.r = checked_data<float>(r, "r", 1, false);
+  p.rows = y.shape(0);
+  p.dim = y.shape(1);
+  expect_dim(r, "r", 0, p.rows);
+  if (!bias.is_none()) {
+    py::array b = as_array(bias, "bias");
+    p.bias = checked_data<float>(b, "bias", 1, false);
+    expect_dim(b, "bias", 0, p.dim);
+  }
+  p.gelu = gelu;
+  check_threads(num_threads);
+  p.num_threads = num_threads;
+  fastencdec::cpu::active_isa();
+  py::gil_scoped_release release;
+  rescale_rows_impl(p);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -352,6 +375,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("num_threads"),
         "Int8 linear row preparation: r[m] = max |x[m]| (NaN for a non-finite row), "
         "xs[m] = x[m] / r[m] (0 where r is 0 or not finite), xs[M] = [-1, 1, 0, ...].");
+  m.def("rescale_rows", &rescale_rows, py::arg("y"), py::arg("r"), py::arg("bias"),
+        py::arg("gelu"), py::arg("num_threads"),
+        "In place on fp32 y [M, N]: y = act(y * r[:, None] + bias), act GELU-tanh when gelu.");
   m.def("active_isa", [] { return std::string(fastencdec::cpu::isa_name(fastencdec::cpu::active_isa())); },
         "ISA the kernels run with (honours FASTENCDEC_CPU_ISA).");
   m.def("reset_isa", &fastencdec::cpu::reset_isa, "Re-read FASTENCDEC_CPU_ISA.");

@@ -78,6 +78,17 @@ struct ScaleRowsProblem {
   int num_threads = 1;
 };
 
+// The int8 linear layer's epilogue, in place on y [rows, dim] fp32:
+//   y[m, n] = act(y[m, n] * r[m] + bias[n])   (bias optional; act: identity or GELU-tanh)
+struct RescaleRowsProblem {
+  float* y = nullptr;
+  const float* r = nullptr;
+  const float* bias = nullptr;
+  int64_t rows = 0, dim = 0;
+  bool gelu = false;
+  int num_threads = 1;
+};
+
 }  // namespace fastencdec::cpu
 
 #define FED_DECLARE_KERNELS(NS)                                                          \
@@ -95,6 +106,8 @@ struct ScaleRowsProblem {
   void rms_norm(const RmsNormProblem& problem);                                          \
   /* Row scaling for the int8 linear layer (ScaleRowsProblem). */                        \
   void scale_rows(const ScaleRowsProblem& problem);                                      \
+  /* Its epilogue: rescale, bias, optional GELU (RescaleRowsProblem). */                 \
+  void rescale_rows(const RescaleRowsProblem& problem);                                  \
   }
 
 FED_DECLARE_KERNELS(scalar)

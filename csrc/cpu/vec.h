@@ -40,6 +40,7 @@ struct VecF {
   friend VecF operator+(VecF a, VecF b) { return VecF(_mm512_add_ps(a.v, b.v)); }
   friend VecF operator-(VecF a, VecF b) { return VecF(_mm512_sub_ps(a.v, b.v)); }
   friend VecF operator*(VecF a, VecF b) { return VecF(_mm512_mul_ps(a.v, b.v)); }
+  friend VecF operator/(VecF a, VecF b) { return VecF(_mm512_div_ps(a.v, b.v)); }
   static VecF fmadd(VecF a, VecF b, VecF c) { return VecF(_mm512_fmadd_ps(a.v, b.v, c.v)); }
   static VecF fnmadd(VecF a, VecF b, VecF c) { return VecF(_mm512_fnmadd_ps(a.v, b.v, c.v)); }
   static VecF max(VecF a, VecF b) { return VecF(_mm512_max_ps(a.v, b.v)); }
@@ -88,6 +89,7 @@ struct VecF {
   friend VecF operator+(VecF a, VecF b) { return VecF(_mm256_add_ps(a.v, b.v)); }
   friend VecF operator-(VecF a, VecF b) { return VecF(_mm256_sub_ps(a.v, b.v)); }
   friend VecF operator*(VecF a, VecF b) { return VecF(_mm256_mul_ps(a.v, b.v)); }
+  friend VecF operator/(VecF a, VecF b) { return VecF(_mm256_div_ps(a.v, b.v)); }
   static VecF fmadd(VecF a, VecF b, VecF c) { return VecF(_mm256_fmadd_ps(a.v, b.v, c.v)); }
   static VecF fnmadd(VecF a, VecF b, VecF c) { return VecF(_mm256_fnmadd_ps(a.v, b.v, c.v)); }
   static VecF max(VecF a, VecF b) { return VecF(_mm256_max_ps(a.v, b.v)); }
@@ -138,6 +140,7 @@ struct VecF {
   friend VecF operator+(VecF a, VecF b) { return VecF(vaddq_f32(a.v, b.v)); }
   friend VecF operator-(VecF a, VecF b) { return VecF(vsubq_f32(a.v, b.v)); }
   friend VecF operator*(VecF a, VecF b) { return VecF(vmulq_f32(a.v, b.v)); }
+  friend VecF operator/(VecF a, VecF b) { return VecF(vdivq_f32(a.v, b.v)); }
   static VecF fmadd(VecF a, VecF b, VecF c) { return VecF(vfmaq_f32(c.v, a.v, b.v)); }
   static VecF fnmadd(VecF a, VecF b, VecF c) { return VecF(vfmsq_f32(c.v, a.v, b.v)); }
   static VecF max(VecF a, VecF b) { return VecF(vmaxq_f32(a.v, b.v)); }
@@ -176,6 +179,7 @@ struct VecF {
   friend VecF operator+(VecF a, VecF b) { return VecF(a.v + b.v); }
   friend VecF operator-(VecF a, VecF b) { return VecF(a.v - b.v); }
   friend VecF operator*(VecF a, VecF b) { return VecF(a.v * b.v); }
+  friend VecF operator/(VecF a, VecF b) { return VecF(a.v / b.v); }
   // Plain mul + add: without hardware FMA, std::fma is a slow library call.
   static VecF fmadd(VecF a, VecF b, VecF c) { return VecF(a.v * b.v + c.v); }
   static VecF fnmadd(VecF a, VecF b, VecF c) { return VecF(c.v - a.v * b.v); }

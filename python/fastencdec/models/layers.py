@@ -41,7 +41,10 @@ class GeluMLP(nn.Module):
         self.fc2 = nn.Linear(d_ff, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        h = self.fc1(x)
+        if getattr(self.fc1, "activation", None) != "gelu_tanh":  # else fused into fc1
+            h = F.gelu(h, approximate="tanh")
+        return self.fc2(h)
 
 
 class SwiGLU(nn.Module):

@@ -40,7 +40,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .layers import SelfAttention
+from .layers import GeluMLP, SelfAttention
 from .pretrained import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -51,10 +51,11 @@ from .pretrained import (
 
 FORMATS = ("fp32", "bf16", "int8")
 
-try:  # the fused row preparation of Int8Linear (a torch-only path remains without it)
+try:  # Int8Linear's fused row preparation and epilogue (torch-only paths remain without)
+    from fastencdec._C import rescale_rows as _rescale_rows
     from fastencdec._C import scale_rows as _scale_rows
 except ImportError:  # pragma: no cover - the compiled module is part of the package
-    _scale_rows = None
+    _scale_rows = _rescale_rows = None
 FORMAT_KEY = "fastencdec_weight_format"  # safetensors metadata: the format
 TIED_KEY = "fastencdec_tied"  # safetensors metadata: JSON {alias: stored name}
 
@@ -221,6 +222,8 @@ class Int8Linear(_PackedLinear):
         super().__init__(in_features, out_features, device)
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
         self._anchor = None  # built with the pack, on the CPU
+        # "gelu_tanh": the GELU that follows (an MLP's fc1) runs in the epilogue
+        self.activation: str | None = None
 
     @classmethod
     def from_float(cls, linear: nn.Linear, name: str = "linear") -> Int8Linear:
@@ -274,7 +277,15 @@ class Int8Linear(_PackedLinear):
             torch.div(x2, r, out=xs[:m]).nan_to_num_(0.0, 0.0, 0.0)
             xs[m:] = self._anchor
         y = torch.ops.quantized.linear_dynamic(xs, self._packed, False)[:m]
-        y = y.mul_(r) if self.bias is None else torch.addcmul(self.bias, y, r)
+        gelu = self.activation == "gelu_tanh"
+        if _rescale_rows is not None:  # y * r + bias (+ GELU) in one pass, in place
+            _rescale_rows(y.numpy(), r.view(m).numpy(),
+                          None if self.bias is None else self.bias.numpy(), gelu,
+                          torch.get_num_threads())
+        else:
+            y = y.mul_(r) if self.bias is None else torch.addcmul(self.bias, y, r)
+            if gelu:
+                y = F.gelu(y, approximate="tanh")
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -445,13 +456,16 @@ _PARTS = ("q_proj", "k_proj", "v_proj")
 def fuse_projections(model: nn.Module) -> nn.Module:
     """Replace each self-attention's q/k/v projections by one fused layer (``qkv_proj``):
     one GEMV instead of three per layer in decoding, where the small ones cost more in
-    fixed per-call work than in weights. The weights move, they are not copied."""
+    fixed per-call work than in weights. The weights move, they are not copied. An
+    int8 MLP's first layer also takes over the GELU that follows it (its epilogue)."""
     for module in list(model.modules()):  # the loop edits the module tree
         if isinstance(module, SelfAttention) and _PARTS[0] in module._modules:
             fused = fuse_linears(*(module._modules[name] for name in _PARTS))
             for name in _PARTS:
                 delattr(module, name)
             module.qkv_proj = fused
+        if isinstance(module, GeluMLP) and isinstance(module.fc1, Int8Linear):
+            module.fc1.activation = "gelu_tanh"
     return model
 
 
