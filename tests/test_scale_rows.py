@@ -53,3 +53,23 @@ def test_bad_arguments_are_errors():
     with pytest.raises(TypeError):
         _C.scale_rows(x.astype(np.float64), np.zeros((4, 4), np.float32),
                       np.zeros(3, np.float32), 1)
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (3, 64), (40, 1000)])
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_epilogue_matches_torch(isa, seed, shape, gelu, with_bias):
+    """``rescale_rows``: y * r + bias, then GELU(tanh) as torch computes it; NaN stays."""
+    gen = torch.Generator().manual_seed(seed)
+    m, n = shape
+    y = torch.randn(m, n, generator=gen) * 3
+    r = torch.rand(m, generator=gen) * 4
+    if m > 2:
+        r[1] = float("nan")
+    bias = torch.randn(n, generator=gen) if with_bias else None
+    expected = y * r[:, None] + (bias if with_bias else 0.0)
+    if gelu:
+        expected = torch.nn.functional.gelu(expected, approximate="tanh")
+    got = y.clone()
+    _C.rescale_rows(got.numpy(), r.numpy(), None if bias is None else bias.numpy(), gelu, 2)
+    torch.testing.assert_close(got, expected, rtol=2e-6, atol=2e-6, equal_nan=True)
