@@ -20,60 +20,19 @@ A JSON record goes to bench/results/.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import math
-import os
-import platform
-import statistics
-import time
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-import fastencdec
-from fastencdec import ops
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness as harness  # noqa: E402
+from fastencdec import ops  # noqa: E402
 
 D = 64
 THETA = 10000.0
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-class OtherLoad:
-    """CPU time used by *other* processes while the benchmark runs: busy time of all
-    CPUs (/proc/stat) minus this process's own CPU time, as a share of the CPUs.
-    Background load makes timings noisy; this says how much there was."""
-
-    def __init__(self):
-        self.start = self._sample()
-
-    @staticmethod
-    def _sample():
-        try:
-            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        except (OSError, ValueError):
-            return None
-        busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # - idle, iowait
-        own = os.times()
-        return time.perf_counter(), busy, own.user + own.system
-
-    def share(self) -> float | None:
-        end = self._sample()
-        if self.start is None or end is None:
-            return None
-        wall = end[0] - self.start[0]
-        others = (end[1] - self.start[1]) - (end[2] - self.start[2])
-        return max(0.0, others / (wall * (os.cpu_count() or 1)))
 
 
 def rope_tables(n_pos: int, head_dim: int):
@@ -102,20 +61,11 @@ def torch_sdpa(q, k, v, *, causal=False):
     return o.transpose(1, 2)
 
 
-def time_pair(fn_ours, fn_torch, *, budget_s: float, min_reps: int, max_reps: int = 2000):
-    """Interleaved timings (alternating order); returns the two lists of seconds."""
-    for _ in range(2):
-        fn_ours()
-        fn_torch()
-    ours, theirs = [], []
-    start = time.perf_counter()
-    while len(ours) < max_reps and (len(ours) < min_reps or time.perf_counter() - start < budget_s):
-        pair = ((fn_ours, ours), (fn_torch, theirs))
-        for fn, sink in pair if len(ours) % 2 == 0 else pair[::-1]:
-            t0 = time.perf_counter()
-            fn()
-            sink.append(time.perf_counter() - t0)
-    return ours, theirs
+def time_pair(fn_ours, fn_torch, *, budget_s: float, min_reps: int):
+    """Interleaved timings (order rotating each round): (ours, torch) ``Timing``s."""
+    t = harness.time_interleaved({"ours": fn_ours, "torch": fn_torch}, warmup=2,
+                                 repeats=min_reps, budget_s=budget_s, max_repeats=2000)
+    return t["ours"], t["torch"]
 
 
 def check_close(a, b, what):
@@ -198,8 +148,11 @@ def bench_decode(kind, B, Lc, hq, hkv, budget):
     return time_pair(ours, theirs, budget_s=budget, min_reps=30)
 
 
-def fmt_time(s):
-    return f"{s * 1e3:9.3f} ms" if s >= 1e-3 else f"{s * 1e6:9.1f} us"
+COLUMNS = [harness.Column("kind", "kind"), harness.Column("B", "B"), harness.Column("L", "L"),
+           harness.Column("heads", "heads"), harness.Column("mask", "mask"),
+           harness.Column("ours_ms", "fastencdec (ms)", ".3f"),
+           harness.Column("torch_ms", "torch (ms)", ".3f"),
+           harness.Column("ratio", "torch / fastencdec", ".2f")]
 
 
 def main():
@@ -214,26 +167,26 @@ def main():
         torch.set_num_threads(args.threads)
     budget = args.budget if args.budget is not None else (0.3 if args.quick else 1.5)
 
-    from fastencdec import _C
     from fastencdec.ops import dispatch
 
     backend = dispatch.choose_backend("self_attention", torch.device("cpu"))
     if backend != "cpp":
         raise SystemExit(f"the C++ backend is not active for CPU tensors (got {backend!r})")
 
+    run = harness.Run("cpu_attention", device="cpu", threads=torch.get_num_threads(),
+                      out=args.out)
     rows = []
 
     def record(timings, **fields):
         ours, theirs = timings
-        row = dict(fields, ours_s=statistics.median(ours), torch_s=statistics.median(theirs),
-                   ours_min_s=min(ours), torch_min_s=min(theirs), reps=len(ours))
-        row["ratio"] = row["torch_s"] / row["ours_s"]
-        row["ratio_of_mins"] = row["torch_min_s"] / row["ours_min_s"]
+        row = dict(fields, ours_ms=ours.median * 1e3, torch_ms=theirs.median * 1e3,
+                   ours_min_ms=ours.min * 1e3, torch_min_ms=theirs.min * 1e3,
+                   reps=len(ours.samples))
+        row["ratio"] = theirs.median / ours.median
+        row["ratio_of_mins"] = theirs.min / ours.min
         rows.append(row)
-        print_row(row)
+        print(harness.format_table([row], COLUMNS).splitlines()[-1], flush=True)
 
-    other_load = OtherLoad()
-    print(HEADER)
     with torch.inference_mode():
         for L, hq, hkv, causal in prefill_cases(args.quick):
             record(bench_prefill(L, hq, hkv, causal, budget), kind="prefill", B=1, L=L,
@@ -244,64 +197,24 @@ def main():
                     for Lc in ((512,) if args.quick else (512, 2048)):
                         record(bench_decode(kind, B, Lc, hq, hkv, budget), kind=kind, B=B, L=Lc,
                                heads=f"{hq}/{hkv}", mask="-")
-    others = other_load.share()
     summary = {}
     for kind in ("prefill", "decode step", "decode attn", "cross-decode"):
         ratios = [r["ratio"] for r in rows if r["kind"] == kind]
         summary[kind] = dict(min_ratio=min(ratios),
                              geomean_ratio=math.exp(sum(map(math.log, ratios)) / len(ratios)))
     print()
-    print_table(rows)
+    print(harness.format_table(rows, COLUMNS))
     print()
     for kind, s in summary.items():
         print(f"{kind:<13} min ratio {s['min_ratio']:.2f}x  geomean {s['geomean_ratio']:.2f}x")
-    if others is not None:
-        print(f"other processes used {100 * others:.0f}% of the {os.cpu_count()} CPUs during the "
-              "run" + ("  (busy machine: timings are noisy)" if others > 0.1 else ""))
-
-    now = _dt.datetime.now().astimezone()
-    record = dict(
-        benchmark="cpu_attention",
-        date=now.isoformat(timespec="seconds"),
-        cpu=cpu_model(),
-        machine=platform.machine(),
-        threads=torch.get_num_threads(),
-        torch=torch.__version__,
-        fastencdec=fastencdec.__version__,
-        isa=_C.active_isa(),
-        head_dim=D,
-        dtype="float32",
+    path = run.finish(dict(
+        head_dim=D, dtype="float32",
         timing="median of interleaved reps; ratio = torch / fastencdec (ratio_of_mins: same "
                "with the fastest reps)",
-        cpu_count=os.cpu_count(),
-        other_processes_cpu_share=others,
         baseline="torch RoPE (precomputed cos/sin) + repeat_interleave K/V + "
                  "F.scaled_dot_product_attention",
-        rows=rows,
-        summary=summary,
-    )
-    out = args.out or Path(__file__).resolve().parent / "results" / (
-        f"cpu_attention_{now.strftime('%Y%m%d-%H%M%S')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"\nwrote {out}")
-
-
-HEADER = (f"{'kind':<13} {'B':>2} {'L':>5} {'heads':>6} {'mask':>6} {'fastencdec':>12} "
-          f"{'torch':>12} {'ratio':>7}")
-
-
-def print_row(r):
-    ratio = r["torch_s"] / r["ours_s"]
-    print(f"{r['kind']:<13} {r['B']:>2} {r['L']:>5} {r['heads']:>6} {r['mask']:>6} "
-          f"{fmt_time(r['ours_s']):>12} {fmt_time(r['torch_s']):>12} {ratio:>6.2f}x", flush=True)
-
-
-def print_table(rows):
-    print(HEADER)
-    print("-" * len(HEADER))
-    for r in rows:
-        print_row(r)
+        rows=rows, summary=summary))
+    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -31,9 +31,19 @@ CONFIG_NAME = "config.json"
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 
+def _new_file_mode() -> int:
+    """The mode a new file gets here (``0666 & ~umask``)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _replace_atomically(tmp: Path, final: Path) -> None:
+    """Flush ``tmp`` to disk and rename it to ``final`` with the usual mode for a new
+    file (safetensors writes its file private, 0600)."""
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+    os.chmod(tmp, _new_file_mode())
     os.replace(tmp, final)
 
 
