@@ -23,20 +23,9 @@ from fastencdec.training import (
     TrainingInterrupted,
     read_metrics,
 )
+from tiny_models import VOCAB, tiny_decoder_only, tiny_encdec
 
-VOCAB = 64
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_encdec(seed=0, **changes):
-    torch.manual_seed(seed)
-    return EncoderDecoderLM(EncDecConfig.preset("tiny").replace(vocab_size=VOCAB, **changes))
-
-
-def tiny_decoder_only(seed=1):
-    torch.manual_seed(seed)
-    return DecoderOnlyLM(DecoderOnlyConfig.twin_of(
-        EncDecConfig.preset("tiny").replace(vocab_size=VOCAB)))
 
 
 def examples(n=16, seed=0):

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from fastencdec import DecoderOnlyConfig, DecoderOnlyLM, EncDecConfig, EncoderDecoderLM
+from fastencdec import EncoderDecoderLM
 from fastencdec.data import (
     BatchStream,
     LengthBucketBatchSampler,
@@ -27,22 +27,9 @@ from fastencdec.training import (
     teacher_logits_for,
     warmup_cosine_factor,
 )
-
-VOCAB = 64
-
+from tiny_models import VOCAB, tiny_encdec, tiny_teacher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_encdec(seed=0, **changes):
-    torch.manual_seed(seed)
-    return EncoderDecoderLM(EncDecConfig.preset("tiny").replace(vocab_size=VOCAB, **changes))
-
-
-def tiny_teacher(seed=1):
-    torch.manual_seed(seed)
-    cfg = DecoderOnlyConfig.twin_of(EncDecConfig.preset("tiny").replace(vocab_size=VOCAB))
-    return DecoderOnlyLM(cfg)
 
 
 def examples(n=8, seed=0):

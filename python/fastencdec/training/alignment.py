@@ -14,6 +14,8 @@ from typing import NamedTuple
 
 import torch
 
+from ..argcheck import int_at_least, positive_int
+
 __all__ = [
     "TeacherInputs",
     "StudentDecoderInputs",
@@ -116,11 +118,8 @@ def align_teacher_logits(teacher_logits, source_len, target_len) -> torch.Tensor
     if not isinstance(teacher_logits, torch.Tensor) or teacher_logits.dim() != 3:
         raise ValueError("teacher_logits must be a 3-D tensor [batch, seq, vocab], got "
                          f"{getattr(teacher_logits, 'shape', type(teacher_logits).__name__)}")
-    for name, value, low in (("source_len", source_len, 1), ("target_len", target_len, 0)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if value < low:
-            raise ValueError(f"{name} must be >= {low}, got {value}")
+    source_len = positive_int("source_len", source_len)
+    target_len = int_at_least("target_len", target_len, 0)
     seq_len = teacher_logits.shape[1]
     if source_len - 1 + target_len > seq_len:
         raise ValueError(

@@ -29,6 +29,8 @@ import warnings
 import numpy as np
 import torch
 
+from ..argcheck import int_at_least, positive_int
+
 __all__ = [
     "atomic_torch_save",
     "capture_rng_state",
@@ -183,8 +185,7 @@ class CheckpointManager:
     def __init__(self, root: str | os.PathLike, *, keep_last: int = 2, rank: int = 0,
                  world_size: int = 1, barrier=None, run_id: str = "",
                  config_hash: str = ""):
-        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
-            raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}")
+        keep_last = positive_int("keep_last", keep_last)
         if world_size > 1 and barrier is None:
             raise ValueError("CheckpointManager with world_size > 1 needs a barrier callable")
         self.root = os.fspath(root)
@@ -222,8 +223,7 @@ class CheckpointManager:
         """Write checkpoint ``step``. ``state`` is used on rank 0 only (others may pass
         None); ``rng_state`` defaults to this process's :func:`capture_rng_state`;
         ``extra`` (plain JSON values) goes into the manifest."""
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        step = int_at_least("step", step, 0)
         final = os.path.join(self.root, _step_dir_name(step))
         tmp = final + ".tmp"
         try:

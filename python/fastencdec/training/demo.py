@@ -28,6 +28,7 @@ from queue import Empty
 
 import torch
 
+from ..argcheck import int_at_least, positive_int
 from ..data import (
     BatchStream,
     LengthBucketBatchSampler,
@@ -106,10 +107,8 @@ class DemoSettings:
             raise ValueError(f"--size must be 'small', 'medium' or 'large', got {size!r}")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        if threads is not None and (isinstance(threads, bool) or threads < 1):
-            raise ValueError(f"--threads must be >= 1, got {threads}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"--seed must be an integer >= 0, got {seed!r}")
+        threads = positive_int("--threads", threads, allow_none=True)
+        seed = int_at_least("--seed", seed, 0)
         s = cls(device=device, seed=seed, out_dir=out_dir or "fastencdec-demo", threads=threads)
         if size == "medium":
             s.__dict__.update(
@@ -129,9 +128,7 @@ class DemoSettings:
                 teacher_layers=3, gen_new_tokens=8, gen_repeats=1, batch_size=16,
                 eval_points=3, parallel=False)
         if steps is not None:
-            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-                raise ValueError(f"--steps must be an integer >= 1, got {steps!r}")
-            s.steps = s.teacher_steps = steps
+            s.steps = s.teacher_steps = positive_int("--steps", steps)
         return s
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+from ..argcheck import int_at_least, positive_int
+
 __all__ = ["warmup_cosine_factor", "WarmupCosineSchedule"]
 
 
@@ -29,9 +31,8 @@ class WarmupCosineSchedule:
 
     def __init__(self, optimizer, *, warmup_steps: int, total_steps: int,
                  min_ratio: float = 0.1):
-        if warmup_steps < 0 or total_steps < 1:
-            raise ValueError(f"need warmup_steps >= 0 and total_steps >= 1, got "
-                             f"{warmup_steps} and {total_steps}")
+        warmup_steps = int_at_least("warmup_steps", warmup_steps, 0)
+        total_steps = positive_int("total_steps", total_steps)
         if not 0.0 <= min_ratio <= 1.0:
             raise ValueError(f"min_ratio must lie in [0, 1], got {min_ratio}")
         self.optimizer = optimizer

@@ -14,6 +14,8 @@ import sys
 
 import torch
 
+from ..argcheck import positive_int
+
 __all__ = ["SMALL_MODEL_PARAMS", "available_cores", "choose_threads", "warn_if_oversubscribed"]
 
 SMALL_MODEL_PARAMS = 20_000_000
@@ -31,8 +33,7 @@ def choose_threads(requested: int | None, *, device: str | torch.device = "cpu",
                    params: int | None = None) -> tuple[int, str]:
     """Set torch's CPU thread count; returns ``(threads, why)`` for the log."""
     if requested is not None:
-        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
-            raise ValueError(f"--threads must be an integer >= 1, got {requested!r}")
+        requested = positive_int("--threads", requested)
         torch.set_num_threads(requested)
         return requested, "as asked (--threads)"
     if torch.device(device).type != "cpu":

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..argcheck import int_at_least, positive_int
 from .image_io import ImageError, load_image
 from .selection import crop_std, select_top_k
 
@@ -39,12 +40,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # The reference grid in crops (width, height): 336 px crops give the pinpoints
 # [[336, 336], [672, 672], [1008, 672], [672, 1008]].
 DEFAULT_GRID = ((1, 1), (2, 2), (3, 2), (2, 3))
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -63,7 +58,8 @@ class AnyResConfig:
     std: tuple[float, float, float] = CLIP_STD
 
     def __post_init__(self):
-        crop = _positive_int("crop_size", self.crop_size)
+        crop = positive_int("crop_size", self.crop_size)
+        object.__setattr__(self, "crop_size", crop)
         points = self.pinpoints or tuple((gw * crop, gh * crop) for gw, gh in DEFAULT_GRID)
         try:
             points = tuple((int(w), int(h)) for w, h in points)
@@ -75,12 +71,10 @@ class AnyResConfig:
                 raise ValueError(f"pinpoint ({w}, {h}) must be a positive multiple of "
                                  f"crop_size={crop} in both sides")
         object.__setattr__(self, "pinpoints", points)
-        if self.variance_k is not None and (isinstance(self.variance_k, bool) or not
-                                            isinstance(self.variance_k, int)
-                                            or self.variance_k < 0):
-            raise ValueError(f"variance_k must be an int >= 0 or None, got {self.variance_k!r}")
-        if self.max_crops is not None:
-            _positive_int("max_crops", self.max_crops)
+        object.__setattr__(self, "variance_k",
+                           int_at_least("variance_k", self.variance_k, 0, allow_none=True))
+        object.__setattr__(self, "max_crops",
+                           positive_int("max_crops", self.max_crops, allow_none=True))
         for name in ("mean", "std"):
             value = tuple(float(v) for v in getattr(self, name))
             if len(value) != 3:

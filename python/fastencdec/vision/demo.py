@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ..argcheck import int_at_least, positive_int
 from ..models import DecoderOnlyConfig, EncDecConfig
 from .anyres import AnyResConfig, normalize, process_image, stack_images
 from .config import VLMConfig
@@ -71,19 +72,16 @@ class VisionDemoSettings:
                  threads: int | None = None) -> VisionDemoSettings:
         """The default takes about 3 minutes on a 2-core CPU; ``quick`` is the CI smoke
         run (well under 30 seconds)."""
+        seed = int_at_least("--seed", seed, 0)
         s = cls(device=device or ("cuda" if torch.cuda.is_available() else "cpu"), seed=seed,
                 out_dir=out_dir or "fastencdec-vision-demo")
         if threads is not None:
-            if threads < 1:
-                raise ValueError(f"threads must be >= 1, got {threads}")
-            s.threads = threads
+            s.threads = positive_int("--threads", threads)
         if quick:
             s.__dict__.update(n_train=96, n_test=16, steps=12, batch_size=8, gen_new_tokens=4,
                               gen_repeats=1)
         if steps is not None:
-            if steps < 1:
-                raise ValueError(f"steps must be >= 1, got {steps}")
-            s.steps = steps
+            s.steps = positive_int("--steps", steps)
         return s
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..argcheck import int_at_least
+
 __all__ = ["LUMA", "crop_std", "select_top_k"]
 
 # ITU-R BT.601 luma, pillow's weights for convert("L")
@@ -33,8 +35,7 @@ def select_top_k(scores: np.ndarray, k: int) -> np.ndarray:
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 1:
         raise ValueError(f"scores must be 1-D, got shape {list(scores.shape)}")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
-        raise ValueError(f"k must be an int >= 0, got {k!r}")
+    k = int_at_least("k", k, 0)
     if np.isnan(scores).any():
         raise ValueError("scores contain NaN")
     order = np.argsort(-scores, kind="stable")

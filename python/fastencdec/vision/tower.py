@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..argcheck import int_at_least, positive_int
 
 __all__ = ["VisionConfig", "VisionTower", "VISION_PRESETS", "ACTIVATIONS"]
 
@@ -45,16 +46,16 @@ class VisionConfig:
 
     def __post_init__(self):
         for name in ("image_size", "patch_size", "width", "n_layers", "n_heads", "mlp_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"vision {name} must be a positive int, got {value!r}")
+            setattr(self, name, positive_int(f"vision {name}", getattr(self, name)))
         if self.image_size % self.patch_size:
             raise ValueError(f"vision image_size ({self.image_size}) must be a multiple of "
                              f"patch_size ({self.patch_size})")
         if self.width % self.n_heads:
             raise ValueError(f"vision width ({self.width}) must be a multiple of n_heads "
                              f"({self.n_heads})")
-        if not -(self.n_layers + 1) <= self.feature_layer <= self.n_layers:
+        self.feature_layer = int_at_least("vision feature_layer", self.feature_layer,
+                                          -(self.n_layers + 1))
+        if not self.feature_layer <= self.n_layers:
             raise ValueError(f"vision feature_layer must lie in [-{self.n_layers + 1}, "
                              f"{self.n_layers}], got {self.feature_layer}")
         if self.activation not in ACTIVATIONS:
