@@ -192,7 +192,7 @@ def test_train_config_checks_every_field():
 
 
 @pytest.mark.parametrize("name", ["finetune_qa.yaml", "pretrain_span.yaml", "teacher_qa.yaml",
-                                  "distill_qa.json"])
+                                  "distill_qa.json", "finetune_image_text.yaml"])
 def test_example_configs_are_valid(tmp_path, name):
     import os
 
@@ -200,7 +200,8 @@ def test_example_configs_are_valid(tmp_path, name):
     text = open(os.path.join(root, name), encoding="utf-8").read()
     # stand-ins for what the data script and the teacher run make
     for made in ("examples/data/qa_train.jsonl", "examples/data/qa_valid.jsonl",
-                 "examples/data/text.txt", "runs/teacher-qa/model/tokenizer.model"):
+                 "examples/data/text.txt", "runs/teacher-qa/model/tokenizer.model",
+                 "examples/data/vqa/train.jsonl", "examples/data/vqa/valid.jsonl"):
         path = tmp_path / made
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("{}\n")
@@ -210,3 +211,25 @@ def test_example_configs_are_valid(tmp_path, name):
     config.write_text(text)
     run = validate_run(load_run_file(config))
     assert run["output_dir"].startswith("runs/")
+
+
+def test_training_integer_checks_name_the_argument():
+    from fastencdec.argcheck import ArgumentTypeError
+    from fastencdec.training import CheckpointManager, WarmupCosineSchedule
+    from fastencdec.training.demo import DemoSettings
+    from fastencdec.training.threads import choose_threads
+
+    with pytest.raises(ValueError, match="--threads must be a positive int, got 0"):
+        choose_threads(0)
+    with pytest.raises(ArgumentTypeError, match="--threads must be a positive int, got True"):
+        choose_threads(True)
+    with pytest.raises(ValueError, match="keep_last must be a positive int, got 0"):
+        CheckpointManager("unused", keep_last=0)
+    with pytest.raises(ValueError, match="step must be a non-negative int, got -1"):
+        CheckpointManager("unused").save(-1, {})
+    with pytest.raises(ValueError, match="total_steps must be a positive int, got 0"):
+        WarmupCosineSchedule(None, warmup_steps=0, total_steps=0)
+    with pytest.raises(ValueError, match="--seed must be a non-negative int, got -3"):
+        DemoSettings.for_mode(seed=-3, device="cpu")
+    with pytest.raises(ArgumentTypeError, match="--steps must be a positive int, got 2.5"):
+        DemoSettings.for_mode(steps=2.5, device="cpu")

@@ -297,8 +297,9 @@ def args_eval(p):
     p.add_argument("--model", required=True, help="folder written by save_pretrained / train")
     p.add_argument("--data", required=True, help="held-out records (jsonl/json/csv/parquet "
                                                  "file or a hub dataset)")
-    p.add_argument("--format", default=None, choices=("qa", "seq2seq"),
-                   help="how records hold inputs and answers (default: from the fields)")
+    p.add_argument("--format", default=None, choices=("qa", "seq2seq", "image_text"),
+                   help="how records hold inputs and answers (default: from the fields; "
+                        "image_text for a vision-language model)")
     p.add_argument("--split", default="validation", help="split of a hub dataset")
     p.add_argument("--tokenizer", default=None, help="default: the one in --model")
     p.add_argument("--max-examples", type=int_at_least(1), default=500)

@@ -22,7 +22,15 @@ ALIASES = {"learning_rate": "lr", "steps": "max_steps", "num_steps": "max_steps"
            "train_steps": "max_steps", "batchsize": "batch_size", "bs": "batch_size",
            "gradient_accumulation_steps": "grad_accum", "output_dir": "out_dir",
            "arch": "architecture", "model_type": "architecture", "warmup": "warmup_steps",
-           "fp16": "precision", "bf16": "precision", "epochs": "max_steps"}
+           "fp16": "precision", "bf16": "precision", "epochs": "max_steps",
+           # vision-language models
+           "tower": "vision", "vision_tower": "vision", "language_model": "lm", "llm": "lm",
+           "text": "lm", "mm_projector": "projector", "freeze_tower": "freeze_vision",
+           "freeze_vision_tower": "freeze_vision", "freeze_language_model": "freeze_lm",
+           "freeze_llm": "freeze_lm", "freeze_mm_projector": "freeze_projector",
+           "vision_lr": "lr_multipliers", "tower_lr": "lr_multipliers",
+           "pinpoints": "grid", "image_grid_pinpoints": "grid", "top_k": "variance_k",
+           "k": "variance_k"}
 
 
 def did_you_mean(name: str, known: Iterable[str]) -> str:

@@ -21,6 +21,8 @@ OPTIMIZERS = ("auto", "muon", "adamw")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # metric -> True when higher is better
 EVAL_METRICS = {"loss": False, "exact_match": True, "token_f1": True, "rouge_l": True}
+# the parts of a vision-language model (fastencdec.vision.models.PARTS)
+VLM_PARTS = ("vision", "projector", "lm")
 
 
 @dataclass
@@ -37,6 +39,12 @@ class TrainConfig:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1
     max_grad_norm: float | None = 1.0
+    # vision-language models: the two stages (stage 1: freeze_vision + freeze_lm, the
+    # projector learns; stage 2: freeze_vision) and a part's own learning rate
+    freeze_vision: bool = False       # the vision tower's weights stay as they are
+    freeze_projector: bool = False
+    freeze_lm: bool = False           # the language model (embeddings, LM head included)
+    lr_multipliers: dict = dataclasses.field(default_factory=dict)  # e.g. {vision: 0.1}
     # numerics and memory
     precision: str = "auto"           # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     activation_checkpointing: bool = False
@@ -66,6 +74,29 @@ class TrainConfig:
         for name, (kind, options) in FIELD_CHECKS.items():
             setattr(self, name, check_value(f"training.{name}", getattr(self, name), kind,
                                             **options))
+        multipliers = {}
+        for part, factor in self.lr_multipliers.items():
+            if part not in VLM_PARTS:
+                raise unknown_keys_error("training.lr_multipliers", [part], VLM_PARTS)
+            multipliers[part] = check_value(f"training.lr_multipliers.{part}", factor, "float",
+                                            low=0.0, low_open=True)
+        self.lr_multipliers = multipliers
+        if self.freeze_vision and self.freeze_projector and self.freeze_lm:
+            raise ConfigError("training.freeze_vision, freeze_projector and freeze_lm are all "
+                              "true: nothing would train")
+        frozen = [p for p in self.frozen_parts if p in self.lr_multipliers]
+        if frozen:
+            raise ConfigError(f"training.lr_multipliers.{frozen[0]}: that part is frozen "
+                              f"(training.freeze_{frozen[0]}), so it has no learning rate")
+
+    @property
+    def frozen_parts(self) -> tuple[str, ...]:
+        """The vision-language model parts the freeze flags name."""
+        return tuple(p for p in VLM_PARTS if getattr(self, f"freeze_{p}"))
+
+    @property
+    def uses_vision_options(self) -> bool:
+        return bool(self.frozen_parts or self.lr_multipliers)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -83,7 +114,8 @@ class TrainConfig:
     def fingerprint(self, **extra) -> str:
         """A hash of everything that changes what a run computes (not how long it runs,
         how often it logs/saves/evaluates, or where): a resume checks it."""
-        ident = {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_CHANGES}
+        ident = {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_CHANGES
+                 and not (k in HASHED_WHEN_SET and v == HASHED_WHEN_SET[k])}
         text = json.dumps({"training": ident, **extra}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -91,6 +123,10 @@ class TrainConfig:
 # fields a resumed run may change without becoming a different run
 RESUMABLE_CHANGES = ("max_steps", "log_every", "save_every", "keep_last", "progress",
                      "out_dir", "eval_every", "overwrite", "compile")
+# fields added later, hashed only when they differ from these defaults (so checkpoints
+# written before they existed keep their configuration hash)
+HASHED_WHEN_SET = {"freeze_vision": False, "freeze_projector": False, "freeze_lm": False,
+                   "lr_multipliers": {}}
 
 FIELD_CHECKS = {
     "task": ("str", {"choices": TASKS}),
@@ -103,6 +139,10 @@ FIELD_CHECKS = {
     "warmup_steps": ("int", {"low": 0}),
     "min_lr_ratio": ("float", {"low": 0.0, "high": 1.0}),
     "max_grad_norm": ("float", {"low": 0.0, "low_open": True, "optional": True}),
+    "freeze_vision": ("bool", {}),
+    "freeze_projector": ("bool", {}),
+    "freeze_lm": ("bool", {}),
+    "lr_multipliers": ("mapping", {}),
     "precision": ("str", {"choices": PRECISIONS}),
     "activation_checkpointing": ("bool", {}),
     "compile": ("bool", {}),

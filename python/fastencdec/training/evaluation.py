@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..argcheck import positive_int
 from .objective import StudentLoss
 
 __all__ = ["normalize_answer", "exact_match_score", "token_f1", "rouge_l", "generation_metrics",
@@ -100,9 +101,8 @@ class Evaluator:
             raise ValueError(f"{len(references)} references for {len(examples)} examples")
         if references is not None and tokenizer is None:
             raise ValueError("generation metrics need the tokenizer")
-        if batch_size < 1 or max_new_tokens < 1:
-            raise ValueError("batch_size and max_new_tokens must be >= 1, got "
-                             f"{batch_size} and {max_new_tokens}")
+        batch_size = positive_int("batch_size", batch_size)
+        max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
         self.examples = list(examples)
         self.collate = collate
         self.references = None if references is None else list(references)
@@ -138,11 +138,31 @@ class Evaluator:
             model.train(was_training)
 
     def generate(self, model, device) -> list[str]:
+        """Greedy answers; examples with ``image_crops`` hand their images to a
+        vision-language model, which puts the image tokens before the prompt (as
+        ``fastencdec generate --image`` does)."""
         tok, out = self.tokenizer, []
         for _, chunk in self._batches():
             batch = tok.pad([ex["input_ids"] for ex in chunk])
             ids = model.generate(batch["input_ids"].to(device),
                                  batch["attention_mask"].to(device),
-                                 max_new_tokens=self.max_new_tokens, eos_token_id=tok.eos_id)
+                                 max_new_tokens=self.max_new_tokens, eos_token_id=tok.eos_id,
+                                 **_image_kwargs(model, chunk, device))
             out += [text.strip() for text in tok.batch_decode(ids.cpu())]
         return out
+
+
+def _image_kwargs(model, examples, device) -> dict:
+    if not any("image_crops" in ex for ex in examples):
+        return {}
+    anyres = getattr(getattr(model, "config", None), "anyres", None)
+    if anyres is None:
+        raise ValueError(f"the evaluation examples hold images but {type(model).__name__} is "
+                         "not a vision-language model")
+    from ..vision.data import collate_images
+
+    images = collate_images(examples, anyres)
+    if images is None:
+        return {}
+    pixels, crop_mask = images
+    return {"image_pixels": pixels.to(device), "image_crop_mask": crop_mask.to(device)}

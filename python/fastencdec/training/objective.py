@@ -185,12 +185,14 @@ def sample_student_targets(student: nn.Module, batch: dict, *, max_new_tokens: i
                            top_p: float | None = None,
                            generator: torch.Generator | None = None) -> dict:
     """On-policy targets: the batch with ``y`` replaced by the student's own samples
-    (ending with EOS where it stopped), decoder inputs and labels rebuilt to match."""
+    (ending with EOS where it stopped), decoder inputs and labels rebuilt to match. A
+    vision-language student reads the batch's images (``image*`` entries) too."""
     config = student.config
     new = student.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
                            max_new_tokens=max_new_tokens, do_sample=True,
                            temperature=temperature, top_k=top_k, top_p=top_p,
-                           eos_token_id=config.eos_token_id, generator=generator)
+                           eos_token_id=config.eos_token_id, generator=generator,
+                           **image_inputs(batch))
     # real = every token up to and including the first EOS
     is_eos = new == config.eos_token_id
     after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0

@@ -11,10 +11,12 @@ one ``param_groups`` list, so a schedule sets every group's lr in one place.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-__all__ = ["split_params", "build_optimizer", "HybridOptimizer"]
+__all__ = ["split_params", "build_optimizer", "HybridOptimizer", "check_lr_multipliers"]
 
 
 def _embedding_param_ids(model: nn.Module) -> set[int]:
@@ -91,6 +93,33 @@ class HybridOptimizer:
         return f"HybridOptimizer({names})"
 
 
+def _part_of(name: str) -> str:
+    return name.split(".", 1)[0]
+
+
+def check_lr_multipliers(model: nn.Module, lr_multipliers) -> dict[str, float]:
+    """``{part: factor}`` checked against ``model``'s top-level parts (its named
+    children, e.g. a vision-language model's ``vision``, ``projector``, ``lm``):
+    factors are finite numbers > 0."""
+    if lr_multipliers is None:
+        return {}
+    if not isinstance(lr_multipliers, dict):
+        raise TypeError(f"lr_multipliers must be a dict {{part: factor}}, got "
+                        f"{type(lr_multipliers).__name__}")
+    parts = [n for n, _ in model.named_children()]
+    out = {}
+    for part, factor in lr_multipliers.items():
+        if part not in parts:
+            raise ValueError(f"lr_multipliers: {type(model).__name__} has no part {part!r}; "
+                             f"its parts: {', '.join(parts)}")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) \
+                or not math.isfinite(factor) or factor <= 0:
+            raise ValueError(f"lr_multipliers[{part!r}] must be a finite number > 0, got "
+                             f"{factor!r}")
+        out[part] = float(factor)
+    return out
+
+
 def build_optimizer(
     model: nn.Module,
     *,
@@ -102,31 +131,57 @@ def build_optimizer(
     muon_lr: float | None = None,
     muon_momentum: float = 0.95,
     muon_adjust_lr_fn: str = "match_rms_adamw",
+    lr_multipliers: dict[str, float] | None = None,
 ) -> HybridOptimizer:
-    """Muon (2-D hidden weights) + AdamW (the rest), or AdamW only with ``use_muon=False``."""
-    if lr <= 0:
+    """Muon (2-D hidden weights) + AdamW (the rest), or AdamW only with ``use_muon=False``.
+
+    Only trainable parameters (``requires_grad``) are handed to the optimizers: a
+    frozen part is never updated. ``lr_multipliers`` (``{part: factor}``, a part being
+    a top-level child module such as a vision-language model's ``vision``) gives that
+    part's parameters their own param groups with ``factor`` times the learning rate
+    (Muon's too); a schedule scales every group alike, so the ratio holds throughout.
+    """
+    if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    multipliers = check_lr_multipliers(model, lr_multipliers)
     groups = split_params(model)
     if use_muon and not hasattr(torch.optim, "Muon"):
         raise RuntimeError(f"torch {torch.__version__} has no torch.optim.Muon "
                            "(needs torch >= 2.9): set use_muon=False")
-    adam_groups = [
-        {"params": [p for _, p in groups["adamw_decay"]], "weight_decay": weight_decay},
-        {"params": [p for _, p in groups["adamw_no_decay"]], "weight_decay": 0.0},
-    ]
     if not use_muon:
-        adam_groups[0]["params"] += [p for _, p in groups["muon"]]
-    adam_groups = [g for g in adam_groups if g["params"]]
-    if not adam_groups and not groups["muon"]:
+        groups["adamw_decay"] += groups.pop("muon")
+        groups["muon"] = []
+    if not any(groups.values()):
         raise ValueError("the model has no trainable parameters")
+
+    def by_factor(named) -> list[tuple[float, list]]:
+        """``named`` split by lr factor (1.0 first), in parameter order."""
+        split: dict[float, list] = {}
+        for name, p in named:
+            split.setdefault(multipliers.get(_part_of(name), 1.0), []).append(p)
+        return sorted(split.items(), key=lambda kv: kv[0] != 1.0)
+
+    adam_groups = []
+    for key, decay in (("adamw_decay", weight_decay), ("adamw_no_decay", 0.0)):
+        for factor, params in by_factor(groups[key]):
+            group = {"params": params, "weight_decay": decay, "lr": lr * factor}
+            if multipliers:
+                group["lr_factor"] = factor
+            adam_groups.append(group)
     optimizers = []
     if adam_groups:
         optimizers.append(torch.optim.AdamW(adam_groups, lr=lr, betas=betas, eps=eps))
-    if use_muon and groups["muon"]:
+    if groups["muon"]:
+        base = lr if muon_lr is None else muon_lr
+        muon_groups = []
+        for factor, params in by_factor(groups["muon"]):
+            group = {"params": params, "lr": base * factor}
+            if multipliers:
+                group["lr_factor"] = factor
+            muon_groups.append(group)
         optimizers.append(torch.optim.Muon(
-            [p for _, p in groups["muon"]], lr=lr if muon_lr is None else muon_lr,
-            weight_decay=weight_decay, momentum=muon_momentum,
+            muon_groups, lr=base, weight_decay=weight_decay, momentum=muon_momentum,
             adjust_lr_fn=muon_adjust_lr_fn))
     return HybridOptimizer(optimizers)

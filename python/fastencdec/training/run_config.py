@@ -9,11 +9,20 @@ A run file (YAML or JSON) has these sections (see ``examples/``)::
            or {path: saved-model-dir}
     teacher: {path: saved-dir} or {hf: name-or-path}; dtype: fp32|bf16|fp16;
              vocab: identical (checked) | prefix | mapping.json          (distill)
-    data: {train: file(s) or hub name, valid: file(s), format: qa | seq2seq | text,
-           fields: {...}, max_source_len: 512, max_target_len: 64, batch_size: 16,
-           chunk_length: 128, noise_density: 0.15, mean_span_length: 3.0}
+    data: {train: file(s) or hub name, valid: file(s),
+           format: qa | seq2seq | text | image_text, fields: {...}, max_source_len: 512,
+           max_target_len: 64, batch_size: 16, chunk_length: 128, noise_density: 0.15,
+           mean_span_length: 3.0, on_bad_row: skip | error (image_text)}
     training: {any TrainConfig field}
     eval: {max_examples: 500, batch_size: 32, max_new_tokens: ..., generate: true}
+
+Images: ``model.vision: {preset: tiny, grid: [[1, 1], [2, 2]], variance_k: 2, ...}``
+makes the student a vision-language model (``fastencdec.vision``) trained on
+``format: image_text`` JSONL rows ``{"image": path relative to the file, "source",
+"target"}``; ``training.freeze_vision`` / ``freeze_projector`` / ``freeze_lm`` and
+``training.lr_multipliers: {vision: 0.1}`` give the two stages, and a distillation
+teacher may be a saved vision-language model (it reads the same crops). The saved
+model loads with ``fastencdec.vision.load_vlm`` (``fastencdec generate --image``).
 
 Every key of every section is validated (:mod:`.run_schema`) before any data is
 read or model built. The data is read lazily: each process tokenises only the
@@ -24,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -49,7 +59,7 @@ from .config import TrainConfig
 from .distributed import barrier, init_distributed
 from .interrupt import TrainingInterrupted
 from .run_dir import prepare_output_dir
-from .run_schema import SECTIONS, validate_run
+from .run_schema import SECTIONS, is_vlm_config, model_config, validate_run
 from .threads import choose_threads, warn_if_oversubscribed
 
 __all__ = ["load_run_file", "run_training", "load_pretrained", "load_teacher", "DATA_BUILDERS",
@@ -120,12 +130,37 @@ def load_pretrained(directory: str | os.PathLike, device=None, dtype=None):
     return classes[arch].from_pretrained(directory, device=device, dtype=dtype)
 
 
+def _is_saved_vlm(directory: str) -> bool:
+    from .run_schema import VLM_ARCHITECTURES
+
+    cfg_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(cfg_path):
+        return False
+    try:
+        with open(cfg_path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except ValueError as exc:
+        raise ConfigError(f"{cfg_path} is not valid JSON ({exc})") from None
+    return isinstance(data, dict) and data.get("architecture") in VLM_ARCHITECTURES
+
+
+def load_model_dir(directory: str | os.PathLike, device=None, dtype=None):
+    """A saved text model (:func:`load_pretrained`) or vision-language model
+    (``fastencdec.vision.load_vlm``), whichever ``directory`` holds."""
+    directory = os.fspath(directory)
+    if _is_saved_vlm(directory):
+        from ..vision.models import load_vlm
+
+        return load_vlm(directory, device=device, dtype=dtype)
+    return load_pretrained(directory, device=device, dtype=dtype)
+
+
 def load_teacher(spec: dict, device=None):
-    """``{path: dir}`` (a fastencdec model) or ``{hf: name}`` (transformers causal LM),
-    in ``spec["dtype"]`` (default fp32)."""
+    """``{path: dir}`` (a fastencdec model, a vision-language one included) or
+    ``{hf: name}`` (transformers causal LM), in ``spec["dtype"]`` (default fp32)."""
     dtype = TEACHER_TORCH_DTYPES[spec.get("dtype") or "fp32"]
     if spec.get("path"):
-        return load_pretrained(spec["path"], device=device, dtype=dtype)
+        return load_model_dir(spec["path"], device=device, dtype=dtype)
     if spec.get("hf"):
         try:
             from transformers import AutoModelForCausalLM
@@ -224,7 +259,7 @@ def _read_vocab_map(path: str, student_vocab: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------- data formats
 def _pair_builder(to_example):
-    def build(records, tok, data: dict):
+    def build(records, tok, data: dict, model_config=None):
         fields = data["fields"]
         encoder = Seq2SeqEncoder(tok, max_source_len=data["max_source_len"],
                                  max_target_len=data["max_target_len"])
@@ -243,7 +278,7 @@ def _seq2seq(record, fields):
     return seq2seq_record(record, source_field=fields["source"], target_field=fields["target"])
 
 
-def _text(records, tok, data: dict):
+def _text(records, tok, data: dict, model_config=None):
     blocks = TextBlocks(records, tok, data["chunk_length"], field=data["fields"]["text"],
                         separator=tok.eos_id)
     collate = SpanCorruptionCollator.for_tokenizer(
@@ -252,13 +287,72 @@ def _text(records, tok, data: dict):
     return blocks, blocks.lengths(), collate
 
 
-# format -> builder(records, tokenizer, data section) -> (examples, lengths, collate);
-# a pair format also names how a record gives its answer (for generation metrics)
-DATA_BUILDERS = {"qa": _pair_builder(_qa), "seq2seq": _pair_builder(_seq2seq), "text": _text}
-ANSWERS = {"qa": lambda r, f: _qa(r, f)["target"], "seq2seq": lambda r, f: _seq2seq(r, f)["target"]}
+def _image_text(records, tok, data: dict, model_config=None):
+    """Checked image-text records (:func:`read_image_text_records`: crops decoded, bad
+    rows already left out) -> examples with their crops; the collator puts one image
+    slot per image token at the front of each prompt (the model's tokens per crop)."""
+    from ..vision.data import ImageTextCollator, encode_image_text
+
+    if model_config is None or not is_vlm_config(model_config):
+        raise ConfigError("data.format 'image_text' needs a vision-language model "
+                          "(model.vision)")
+    encoder = Seq2SeqEncoder(tok, max_source_len=data["max_source_len"],
+                             max_target_len=data["max_target_len"])
+    examples = encode_image_text(records, encoder)
+    per_crop = model_config.vision.tokens_per_crop
+    lengths = [len(ex["input_ids"]) + per_crop * len(ex["image_crops"]) for ex in examples]
+    collate = ImageTextCollator.for_tokenizer(tok, model_config.anyres,
+                                              tokens_per_crop=per_crop)
+    return examples, lengths, collate
 
 
-def build_evaluator(records, tok, data: dict, evaluation: dict):
+# format -> builder(records, tokenizer, data section, model config) -> (examples, lengths,
+# collate); a pair format also names how a record gives its answer (generation metrics)
+DATA_BUILDERS = {"qa": _pair_builder(_qa), "seq2seq": _pair_builder(_seq2seq), "text": _text,
+                 "image_text": _image_text}
+ANSWERS = {"qa": lambda r, f: _qa(r, f)["target"], "seq2seq": lambda r, f: _seq2seq(r, f)["target"],
+           "image_text": lambda r, f: r["target"]}
+
+
+def read_image_text_records(paths, data: dict, anyres, *, where: str,
+                            report: str | None = None, announce: bool = True) -> list[dict]:
+    """Every row of the image-text JSONL file(s) ``paths`` checked now, its image
+    decoded and cut into crops (``fastencdec.vision.data.check_image_text_rows``), so
+    that no bad row can stop a run mid-epoch. Bad rows are listed by file and row
+    number: with ``data.on_bad_row: skip`` they are left out (a warning counts them
+    when ``announce``, and ``report``, a file, lists them all), with ``error`` the run
+    stops before any step."""
+    from ..vision.data import bad_rows_listing, check_image_text_rows
+
+    got = check_image_text_rows(paths, anyres, fields=data["fields"])
+    bad = got.bad
+    if bad:
+        listing = bad_rows_listing(bad)
+        if data["on_bad_row"] == "error":
+            raise ConfigError(f"{where}: {len(bad)} bad image-text row(s), nothing trained "
+                              f"(data.on_bad_row: error): {listing}")
+        if report is not None:
+            os.makedirs(os.path.dirname(report) or ".", exist_ok=True)
+            with open(report, "a", encoding="utf-8") as fh:
+                fh.writelines(f"{b}\n" for b in bad)
+        where_all = f"; all listed in {report}" if report is not None else ""
+        if announce:
+            warnings.warn(f"{where}: skipped {len(bad)} bad image-text row(s) "
+                          f"(data.on_bad_row: skip{where_all}): {listing}", stacklevel=2)
+    if not got.records:
+        raise ConfigError(f"{where}: no usable image-text rows in {paths}")
+    return got.records
+
+
+def _text_fields(records, fmt: str):
+    """What the tokenizer trains on: every string field, or an image-text row's prompt
+    and answer (not its image path)."""
+    if fmt == "image_text":
+        return [{"source": r["source"], "target": r["target"]} for r in records]
+    return records
+
+
+def build_evaluator(records, tok, data: dict, evaluation: dict, model_config=None):
     """A fixed held-out set (the first ``eval.max_examples`` records)."""
     from .evaluation import Evaluator
 
@@ -266,7 +360,7 @@ def build_evaluator(records, tok, data: dict, evaluation: dict):
     subset = [records[i] for i in range(min(len(records), evaluation["max_examples"]))]
     if not subset:
         raise ConfigError("data.valid holds no records")
-    examples, _, collate = DATA_BUILDERS[fmt](subset, tok, data)
+    examples, _, collate = DATA_BUILDERS[fmt](subset, tok, data, model_config)
     examples = list(examples)
     if fmt == "text":  # corrupt once, with a fixed seed: the same held-out batch every time
         rng = np.random.default_rng(data["seed"])
@@ -284,14 +378,25 @@ def build_evaluator(records, tok, data: dict, evaluation: dict):
 
 
 def _build_model(spec: dict, tok):
-    from ..models import DecoderOnlyConfig, DecoderOnlyLM, EncDecConfig, EncoderDecoderLM
-
+    """The student: a saved model (``path``), or a new one from ``preset``/``overrides``;
+    with ``vision``, a vision-language model whose language part is that text model."""
     if spec["path"] is not None:
-        model = load_pretrained(spec["path"]).train()
+        model = load_model_dir(spec["path"]).train()
         if model.config.vocab_size != tok.vocab_size:
             raise ConfigError(f"model.path {spec['path']} has a vocabulary of "
                               f"{model.config.vocab_size} but the tokenizer has {tok.vocab_size}")
-        return model
+        if is_vlm_config(model.config) or spec.get("vision") is None:
+            return model
+        return _vision_language_model(spec, model)
+    text = _new_text_model(spec, tok)
+    if spec.get("vision") is None:
+        return text
+    return _vision_language_model(spec, text)
+
+
+def _new_text_model(spec: dict, tok):
+    from ..models import DecoderOnlyConfig, DecoderOnlyLM, EncDecConfig, EncoderDecoderLM
+
     overrides = dict(spec["overrides"])
     n_layers = overrides.pop("n_layers", None)
     config = EncDecConfig.preset(spec["preset"] or "tiny")
@@ -304,10 +409,39 @@ def _build_model(spec: dict, tok):
     return EncoderDecoderLM(config)
 
 
+def _vision_language_model(spec: dict, text_model):
+    """Tower (new, or a local Hugging Face CLIP's weights with ``vision.hf``) + projector
+    (new) + ``text_model`` as the language part, its weights kept."""
+    from ..vision.config import VLMConfig
+    from ..vision.models import DecoderOnlyVLM, EncoderDecoderVLM
+    from ..vision.projector import Projector
+    from ..vision.tower import VisionTower
+    from .run_schema import vision_configs
+
+    tower, anyres = vision_configs(spec["vision"])
+    config = VLMConfig(text=text_model.config, vision=tower, anyres=anyres)
+    cls = EncoderDecoderVLM if config.text.architecture == "encoder_decoder" else DecoderOnlyVLM
+    with torch.device("meta"):  # the parts are put in below: no second language model
+        model = cls(config)
+    if spec["vision"].get("hf") is not None:
+        from ..vision.hf_clip import load_hf_clip_vision
+
+        model.vision = load_hf_clip_vision(spec["vision"]["hf"],
+                                           feature_layer=tower.feature_layer,
+                                           dtype=torch.float32)
+    else:
+        model.vision = VisionTower(tower)
+    model.projector = Projector(tower.width, config.text.d_model)
+    model.lm = text_model  # its config is config.text: the VLM reads its fields through it
+    return model.train()
+
+
 def _fingerprint(run: dict) -> dict:
-    """The settings besides ``training`` that make a different run."""
+    """The settings besides ``training`` that make a different run (``model.vision``
+    only when set, so text runs keep the hash they had before it existed)."""
     data = {k: v for k, v in run["data"].items() if k not in ("valid", "valid_split")}
-    return {"data": data, "tokenizer": run["tokenizer"], "model_spec": run["model"],
+    model = {k: v for k, v in run["model"].items() if not (k == "vision" and v is None)}
+    return {"data": data, "tokenizer": run["tokenizer"], "model_spec": model,
             "teacher": run["teacher"]}
 
 
@@ -330,15 +464,29 @@ def run_training(run: dict, *, resume: str | None = None, device: str | None = N
         prepare_output_dir(out_dir, resume=resume is not None, overwrite=config.overwrite)
     barrier()
     data = run["data"]
-    records = load_records(data["train"], split=data["split"], name=data["name"])
+    fmt = data["format"]
+    spec_config = model_config(run["model"])  # no tensors: what the data needs to know
+    report = os.path.join(out_dir, "bad_rows.txt") if info.is_main else None
+    if report is not None and os.path.exists(report):
+        os.remove(report)  # written afresh: every start reads (and checks) the data again
+
+    def read(key: str):
+        if fmt == "image_text":
+            return read_image_text_records(data[key], data, spec_config.anyres,
+                                           where=f"data.{key}", report=report,
+                                           announce=info.is_main)
+        split = data["split"] if key == "train" else data["valid_split"]
+        return load_records(data[key], split=split, name=data["name"])
+
+    records = read("train")
     if len(records) == 0:
         raise ConfigError(f"data.train {data['train']} holds no records")
-    tok = _run_tokenizer(run, records, out_dir, info.is_main, resuming=resume is not None)
-    examples, lengths, collate = DATA_BUILDERS[data["format"]](records, tok, data)
+    tok = _run_tokenizer(run, _text_fields(records, fmt), out_dir, info.is_main,
+                         resuming=resume is not None)
+    examples, lengths, collate = DATA_BUILDERS[fmt](records, tok, data, spec_config)
     evaluator = None
     if data["valid"] is not None:
-        valid = load_records(data["valid"], split=data["valid_split"], name=data["name"])
-        evaluator = build_evaluator(valid, tok, data, run["eval"])
+        evaluator = build_evaluator(read("valid"), tok, data, run["eval"], spec_config)
     sampler = LengthBucketBatchSampler(lengths, data["batch_size"], seed=config.seed)
     stream = BatchStream(examples, sampler, collate, rank=info.rank, world_size=info.world_size)
     torch.manual_seed(config.seed)

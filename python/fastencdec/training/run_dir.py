@@ -18,7 +18,7 @@ TRAINER_ARTIFACTS = ("checkpoints", "metrics.jsonl", "metrics.csv", "eval_metric
                      "tensorboard", "best_model", "best.json", "summary.json")
 # ... and what `fastencdec train` adds
 RUN_ARTIFACTS = TRAINER_ARTIFACTS + ("model", "tokenizer.model", "tokenizer.json",
-                                     "tokenizer_config.json")
+                                     "tokenizer_config.json", "bad_rows.txt")
 
 
 class OutputDirError(ValueError):

@@ -133,6 +133,7 @@ class Trainer:
 
         self.student = model.to(self.device)
         self.student.train()
+        self._apply_vision_options(config)
         if config.activation_checkpointing:
             enable_activation_checkpointing(self.student)
         self.loss_module = StudentLoss(self.student, alpha=config.alpha,
@@ -154,7 +155,8 @@ class Trainer:
         self.notes.append(f"optimizer: {note}")
         self.optimizer = build_optimizer(self.student, lr=config.lr,
                                          weight_decay=config.weight_decay, betas=config.betas,
-                                         use_muon=self.optimizer_name == "muon")
+                                         use_muon=self.optimizer_name == "muon",
+                                         lr_multipliers=config.lr_multipliers or None)
         self.scheduler = WarmupCosineSchedule(self.optimizer, warmup_steps=config.warmup_steps,
                                               total_steps=config.max_steps,
                                               min_ratio=config.min_lr_ratio)
@@ -187,6 +189,31 @@ class Trainer:
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
+
+    def _apply_vision_options(self, config: TrainConfig) -> None:
+        """The freeze flags (a named part stops requiring gradients, so the optimizer
+        never sees it) and the check that ``lr_multipliers`` names parts the model has."""
+        if not config.uses_vision_options:
+            return
+        missing = [p for p in (*config.frozen_parts, *config.lr_multipliers)
+                   if not isinstance(getattr(self.student, p, None), nn.Module)]
+        if missing:
+            flag = (f"training.freeze_{missing[0]}" if missing[0] in config.frozen_parts
+                    else f"training.lr_multipliers.{missing[0]}")
+            raise ValueError(f"{flag}: {type(self.student).__name__} has no {missing[0]!r} "
+                             "part (the freeze flags and lr_multipliers are for "
+                             "vision-language models: vision, projector, lm)")
+        for part in config.frozen_parts:
+            getattr(self.student, part).requires_grad_(False)
+        if config.frozen_parts:
+            params = {id(p): p for p in self.student.parameters()}.values()
+            trained = sum(p.numel() for p in params if p.requires_grad)
+            total = sum(p.numel() for p in params)
+            self.notes.append(f"frozen: {', '.join(config.frozen_parts)} ({trained:,} of "
+                              f"{total:,} parameters train)")
+        if config.lr_multipliers:
+            self.notes.append("learning rate per part: " + ", ".join(
+                f"{part} x{factor:g}" for part, factor in config.lr_multipliers.items()))
 
     def _check_teacher_vocab(self) -> None:
         student_vocab = int(self.student.lm_head.weight.shape[0])
@@ -283,7 +310,7 @@ class Trainer:
         if cfg.max_grad_norm is not None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.student.parameters(),
                                                              cfg.max_grad_norm))
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = self.base_lr()
         if self.scaler is not None:
             for opt in self.optimizer.optimizers:
                 self.scaler.step(opt)
@@ -308,6 +335,14 @@ class Trainer:
             record["grad_norm"] = grad_norm
         self.history.append(record)
         return record
+
+    def base_lr(self) -> float:
+        """The learning rate now, of the parts without an ``lr_multipliers`` factor."""
+        groups = self.optimizer.param_groups
+        for g in groups:
+            if g.get("lr_factor", 1.0) == 1.0:
+                return g["lr"]
+        return groups[0]["lr"] / groups[0]["lr_factor"]
 
     # ------------------------------------------------------------------ the loop
     def _say(self, bar: ProgressBar | None, line: str) -> None:
@@ -572,7 +607,18 @@ class Trainer:
             if self.dist.is_main:
                 with torch.device("meta"):
                     copy = type(student)(student.config)
-                copy.load_weights(full).save_pretrained(directory)
+                if hasattr(copy, "load_weights"):
+                    copy = copy.load_weights(full)
+                else:  # a vision-language model: every tensor, then re-tie its LM head
+                    result = copy.load_state_dict(full, strict=False, assign=True)
+                    tied = {"lm.lm_head.weight"} if student.config.tie_embeddings else set()
+                    missing = sorted(set(result.missing_keys) - tied)
+                    if missing or result.unexpected_keys:
+                        raise ValueError(f"the gathered state does not match the model: "
+                                         f"missing {missing[:6]}, unexpected "
+                                         f"{result.unexpected_keys[:6]}")
+                    copy.lm.tie_weights()
+                copy.save_pretrained(directory)
         elif self.dist.is_main:
             student.save_pretrained(directory)
         if self.dist.is_main:

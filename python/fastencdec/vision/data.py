@@ -23,12 +23,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..argcheck import positive_int
 from ..data.collate import Seq2SeqCollator
 from .anyres import AnyResConfig, normalize, process_image, stack_images
 from .image_io import ImageError
 
 __all__ = ["BadRow", "read_image_text_jsonl", "ImageTextData", "ImageTextCollator",
-           "load_image_text_examples"]
+           "load_image_text_examples", "check_image_text_rows", "encode_image_text",
+           "bad_rows_listing", "collate_images", "ON_BAD_ROW"]
 
 ON_BAD_ROW = ("skip", "error")
 
@@ -94,6 +96,57 @@ def read_image_text_jsonl(path: str | os.PathLike, *, image_field: str = "image"
     return out
 
 
+def _fields(fields: Mapping | None) -> dict:
+    fields = dict(fields or {})
+    unknown = sorted(set(fields) - {"image", "source", "target"})
+    if unknown:
+        raise ValueError(f"unknown image-text fields {unknown}; known: image, source, target")
+    return {f"{k}_field": v for k, v in fields.items()}
+
+
+def _files(paths) -> list:
+    return [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+
+
+def check_image_text_rows(paths: str | os.PathLike | Sequence, anyres: AnyResConfig, *,
+                          fields: Mapping | None = None) -> ImageTextData:
+    """Read every row of the JSONL file(s) ``paths`` and decode each image now, cut
+    into crops: ``records`` carry ``image_crops`` (uint8 ``[n, S, S, 3]``); ``bad``
+    holds every row left out (JSON, fields or image), sorted by file and row.
+    ``fields``: record field names for the roles ``image``, ``source``, ``target``."""
+    names = _fields(fields)
+    out = ImageTextData()
+    for file in _files(paths):
+        data = read_image_text_jsonl(file, **names)
+        out.bad += data.bad
+        for rec in data.records:
+            try:
+                crops = process_image(rec["image"], anyres).crops
+            except ImageError as err:
+                out.bad.append(BadRow(rec["file"], rec["row"], str(err)))
+                continue
+            out.records.append({**rec, "image_crops": crops})
+    out.bad.sort(key=lambda b: (b.file, b.row))
+    return out
+
+
+def bad_rows_listing(bad: Sequence[BadRow], limit: int = 5) -> str:
+    """The first ``limit`` bad rows as ``file:row: reason``, ``; ``-separated."""
+    return "; ".join(str(b) for b in bad[:limit]) + (" ..." if len(bad) > limit else "")
+
+
+def encode_image_text(records: Sequence[Mapping], encoder) -> list[dict]:
+    """Checked records (:func:`check_image_text_rows`) -> examples ``{"input_ids",
+    "labels", "image_crops", "row"}`` (``encoder``: a ``Seq2SeqEncoder``)."""
+    examples = []
+    for rec in records:
+        ex = encoder({"source": rec["source"], "target": rec["target"]})
+        ex["image_crops"] = rec["image_crops"]
+        ex["row"] = rec["row"]
+        examples.append(ex)
+    return examples
+
+
 def load_image_text_examples(paths: str | os.PathLike | Sequence, encoder, anyres: AnyResConfig,
                              *, on_bad_row: str = "skip", fields: Mapping | None = None,
                              ) -> tuple[list[dict], list[BadRow]]:
@@ -106,35 +159,32 @@ def load_image_text_examples(paths: str | os.PathLike | Sequence, encoder, anyre
     """
     if on_bad_row not in ON_BAD_ROW:
         raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
-    fields = dict(fields or {})
-    unknown = sorted(set(fields) - {"image", "source", "target"})
-    if unknown:
-        raise ValueError(f"unknown image-text fields {unknown}; known: image, source, target")
-    names = {f"{k}_field": v for k, v in fields.items()}
-    files = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    examples, bad = [], []
-    for file in files:
-        data = read_image_text_jsonl(file, **names)
-        bad += data.bad
-        for rec in data.records:
-            try:
-                crops = process_image(rec["image"], anyres).crops
-            except ImageError as err:
-                bad.append(BadRow(rec["file"], rec["row"], str(err)))
-                continue
-            ex = encoder({"source": rec["source"], "target": rec["target"]})
-            ex["image_crops"] = crops
-            ex["row"] = rec["row"]
-            examples.append(ex)
-    bad.sort(key=lambda b: (b.file, b.row))
+    data = check_image_text_rows(paths, anyres, fields=fields)
+    bad = data.bad
     if bad:
-        listing = "; ".join(str(b) for b in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        listing = bad_rows_listing(bad)
         if on_bad_row == "error":
             raise ValueError(f"{len(bad)} bad image-text row(s), nothing trained: {listing}")
         warnings.warn(f"skipped {len(bad)} bad image-text row(s): {listing}", stacklevel=2)
-    if not examples:
-        raise ValueError(f"no usable image-text rows in {[os.fspath(f) for f in files]}")
-    return examples, bad
+    if not data.records:
+        raise ValueError(f"no usable image-text rows in {[os.fspath(f) for f in _files(paths)]}")
+    return encode_image_text(data.records, encoder), bad
+
+
+def collate_images(examples: Sequence[Mapping], anyres: AnyResConfig):
+    """``(image_pixels [B, C, 3, S, S], image_crop_mask [B, C])`` of the examples'
+    ``image_crops`` (normalised with ``anyres``' mean and std), or None when no example
+    has an image."""
+    pixels = []
+    for i, ex in enumerate(examples):
+        if "image_crops" not in ex:
+            raise KeyError(f"example {i} has no 'image_crops'")
+        crops = ex["image_crops"]
+        pixels.append(None if crops is None or len(crops) == 0
+                      else normalize(crops, anyres.mean, anyres.std))
+    if all(p is None for p in pixels):
+        return None
+    return stack_images(pixels)
 
 
 class ImageTextCollator:
@@ -149,11 +199,7 @@ class ImageTextCollator:
 
     def __init__(self, anyres: AnyResConfig, *, pad_id: int = 0, bos_id: int = 1,
                  tokens_per_crop: int | None = None, **kwargs):
-        if tokens_per_crop is not None and (isinstance(tokens_per_crop, bool) or
-                                            not isinstance(tokens_per_crop, int)
-                                            or tokens_per_crop < 1):
-            raise ValueError(f"tokens_per_crop must be a positive int or None, "
-                             f"got {tokens_per_crop!r}")
+        tokens_per_crop = positive_int("tokens_per_crop", tokens_per_crop, allow_none=True)
         self.anyres = anyres
         self.pad_id = pad_id
         self.tokens_per_crop = tokens_per_crop
@@ -169,16 +215,10 @@ class ImageTextCollator:
                 self.tokens_per_crop * _n_crops(ex)) + list(ex["input_ids"])}
                 for ex in examples]
         batch = self.text(examples)
-        pixels = []
-        for i, ex in enumerate(examples):
-            if "image_crops" not in ex:
-                raise KeyError(f"example {i} has no 'image_crops'")
-            crops = ex["image_crops"]
-            pixels.append(None if crops is None or len(crops) == 0
-                          else normalize(crops, self.anyres.mean, self.anyres.std))
-        if all(p is None for p in pixels):
+        images = collate_images(examples, self.anyres)
+        if images is None:
             return batch
-        batch["image_pixels"], batch["image_crop_mask"] = stack_images(pixels)
+        batch["image_pixels"], batch["image_crop_mask"] = images
         if self.tokens_per_crop is not None:
             batch["image_slots"] = True
         return batch

@@ -38,6 +38,11 @@ class VisualQA:
     def __init__(self, *, cell: int = 32, canvases=((3, 3), (3, 2), (2, 3)), seed: int = 0,
                  background=(235, 235, 228)):
         self.cell, self.canvases, self.seed = cell, tuple(canvases), seed
+        for canvas in self.canvases:  # a triangle and up to two circles, one per cell
+            cols, rows = canvas
+            if cols * rows < 3:
+                raise ValueError(f"canvas {tuple(canvas)} has {cols * rows} cell(s); each canvas "
+                                 "needs at least 3 (a triangle and up to two circles)")
         self.background = background
 
     def _one(self, rng: np.random.Generator) -> dict:
