@@ -110,6 +110,10 @@ def test_run_file_trains_saves_and_generates(vqa, tmp_path, capsys, arch, cls):
                          max_new_tokens=3, eos_token_id=tok.eos_id)
     assert printed == tok.batch_decode(out)[0] + "\n"
 
+    # without an image, the text-only path says what the folder holds
+    rc = cli.main(["generate", "--model", model_dir, "--prompt", QUESTION, "--device", "cpu"])
+    assert rc == 2 and "holds a vision-language model" in capsys.readouterr().err
+
     # `fastencdec eval` reads the held-out image-text rows with the saved model
     rc = cli.main(["eval", "--model", model_dir, "--data", vqa["valid"], "--device", "cpu",
                    "--threads", "1", "--max-new-tokens", "3"])

@@ -125,6 +125,12 @@ def load_pretrained(directory: str | os.PathLike, device=None, dtype=None):
         raise ConfigError(f"{cfg_path} must hold a JSON object")
     arch = data.get("architecture", "encoder_decoder")
     classes = {"encoder_decoder": EncoderDecoderLM, "decoder_only": DecoderOnlyLM}
+    from .run_schema import VLM_ARCHITECTURES
+
+    if arch in VLM_ARCHITECTURES:
+        raise ConfigError(f"{directory} holds a vision-language model ({arch}): give it an "
+                          "image (fastencdec generate --image PATH), or load it with "
+                          "fastencdec.vision.load_vlm")
     if arch not in classes:
         raise ConfigError(f"{cfg_path}: unknown architecture {arch!r}")
     return classes[arch].from_pretrained(directory, device=device, dtype=dtype)
