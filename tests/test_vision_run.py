@@ -19,7 +19,14 @@ from fastencdec.data import (
     Seq2SeqEncoder,
     load_tokenizer,
 )
-from fastencdec.training import ConfigError, TrainConfig, Trainer, build_optimizer, read_metrics
+from fastencdec.training import (
+    CheckpointError,
+    ConfigError,
+    TrainConfig,
+    Trainer,
+    build_optimizer,
+    read_metrics,
+)
 from fastencdec.training.run_config import _build_model, run_training
 from fastencdec.training.run_schema import validate_run
 from fastencdec.vision import DecoderOnlyVLM, EncoderDecoderVLM, load_vlm
@@ -405,3 +412,31 @@ def test_vlm_config_load_names_the_file(tmp_path):
     path.write_text(json.dumps({"text": EncDecConfig.preset("tiny").to_dict()}))
     with pytest.raises(ValueError, match=f"{path}: missing 'vision'"):
         load_vlm(tmp_path)
+
+
+def test_new_training_fields_keep_old_configuration_hashes():
+    # hashes of these configs before the vision options existed: checkpoints written
+    # then still resume
+    assert TrainConfig().fingerprint() == "b1dbc71ccf44677b"
+    assert TrainConfig(lr=1e-3, task="distill").fingerprint(model={"a": 1}) == "2d44205c366c2de1"
+    assert TrainConfig(freeze_vision=True).fingerprint() != TrainConfig().fingerprint()
+    assert TrainConfig(lr_multipliers={"vision": 0.1}).fingerprint() != \
+        TrainConfig(lr_multipliers={"vision": 0.2}).fingerprint()
+
+
+def test_an_image_run_resumes_with_its_frozen_parts(vqa, tmp_path):
+    run = image_run(vqa, tmp_path / "run", data={"valid": None},
+                    training={"max_steps": 2, "freeze_vision": True,
+                              "lr_multipliers": {"projector": 0.5}})
+    run.pop("eval")
+    first = load_vlm(run_training(run, device="cpu", threads=1)).state_dict()
+    run["training"]["max_steps"] = 4
+    again = load_vlm(run_training(run, device="cpu", threads=1, resume="auto")).state_dict()
+    steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4]
+    changed = {k.split(".")[0] for k in first if not torch.equal(first[k], again[k])}
+    assert changed == {"projector", "lm"}
+    run["training"]["lr_multipliers"] = {"projector": 0.25}  # another run: refused
+    run["training"]["max_steps"] = 6
+    with pytest.raises(CheckpointError, match="different configuration"):
+        run_training(run, device="cpu", threads=1, resume="auto")
