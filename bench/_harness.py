@@ -10,6 +10,7 @@ whether a run's numbers mean anything.
 - ``result_path()``: ``bench/results/<name>_<device>_<YYYYmmdd-HHMMSS>.json``, never
   an existing file; ``Run`` ties metadata, verdict and file together.
 - ``format_table()``: aligned text or markdown from rows of dicts.
+- ``device_parser()`` / ``parse_device_args()``: the shared ``--device``/``--out`` options.
 - ``run_child()``: one measurement in a fresh process (its own peak RSS and threads).
 
 A benchmark script, in short::
@@ -27,6 +28,7 @@ that measures a peer (CTranslate2, ...) does not pay for importing torch.
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import importlib.metadata
 import json
@@ -374,6 +376,37 @@ def metadata(*, device="cpu", threads: int | None = None, argv: Sequence[str] | 
         "forced_backend": os.environ.get("FASTENCDEC_BACKEND") or None,
         "argv": list(sys.argv[1:] if argv is None else argv),
     }
+
+
+# -- command line -------------------------------------------------------------------------
+def device_parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with the options every kernel benchmark has: ``--device``,
+    ``--results-dir`` and ``--out``; finish with :func:`parse_device_args`."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                   help="default: cuda when present, else cpu")
+    p.add_argument("--results-dir", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=None, help="JSON file (must not exist)")
+    return p
+
+
+def parse_device_args(parser, argv=None, **per_device: tuple[int, int]):
+    """Parse, pick the device, and fill each option in ``per_device`` left at None with
+    its ``(cuda, cpu)`` default, e.g. ``repeats=(50, 2)``."""
+    args = parser.parse_args(argv)
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device")
+    for name, (on_cuda, on_cpu) in per_device.items():
+        if getattr(args, name) is None:
+            setattr(args, name, on_cuda if args.device == "cuda" else on_cpu)
+    return args
 
 
 # -- result files ---------------------------------------------------------------------------

@@ -28,7 +28,6 @@ forward >= 1.3x sdpa and >= 400 TFLOP/s; forward + backward >= 1.1x sdpa.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
 import signal
@@ -45,24 +44,14 @@ GOAL_SHAPE = dict(seq_len=4096, head_dim=128)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    p = harness.device_parser(__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=("full", "suite"), default="full")
     p.add_argument("--padding", action="store_true",
                    help="every batch row a random length in [L/2, L] (a key padding mask)")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per point")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--results-dir", type=Path, default=None)
-    p.add_argument("--out", type=Path, default=None, help="JSON file (must not exist)")
-    args = p.parse_args(argv)
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device")
-    if args.repeats is None:
-        args.repeats = 20 if args.device == "cuda" else 2
-    return args
+    return harness.parse_device_args(p, argv, repeats=(20, 2))
 
 
 def shapes(device: str, preset: str):

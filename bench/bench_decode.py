@@ -19,7 +19,6 @@ interpreter (a smoke test; the record says its numbers mean nothing).
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
 import signal
@@ -35,20 +34,10 @@ GOAL_FRACTION_OF_COPY = 0.8
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    p = harness.device_parser(__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=("full", "suite"), default="full")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per point")
-    p.add_argument("--results-dir", type=Path, default=None)
-    p.add_argument("--out", type=Path, default=None, help="JSON file (must not exist)")
-    args = p.parse_args(argv)
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device")
-    if args.repeats is None:
-        args.repeats = 50 if args.device == "cuda" else 2
-    return args
+    return harness.parse_device_args(p, argv, repeats=(50, 2))
 
 
 def shapes(device: str, preset: str):

@@ -20,7 +20,6 @@ runs through the Triton interpreter (a smoke test; the record says so).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -37,19 +36,9 @@ GOALS = {"memory_vs_torch": 0.25, "x_liger": 1.5}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    p = harness.device_parser(__doc__.split("\n\n")[0])
     p.add_argument("--iters", type=int, default=None, help="timed runs per row")
-    p.add_argument("--results-dir", type=Path, default=None)
-    p.add_argument("--out", type=Path, default=None, help="JSON file (must not exist)")
-    args = p.parse_args(argv)
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device")
-    if args.iters is None:
-        args.iters = 10 if args.device == "cuda" else 1
-    return args
+    return harness.parse_device_args(p, argv, iters=(10, 1))
 
 
 def liger_loss():

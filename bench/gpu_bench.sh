@@ -7,21 +7,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results}"
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-status=0
-t0=$(date +%s)
-
-step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log
-  local name=$1 limit=$2 start rc
-  shift 2
-  start=$(date +%s)
-  echo "=== $name (limit ${limit}s): $*"
-  timeout --signal=TERM --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/bench_$name.log"
-  rc=${PIPESTATUS[0]}
-  echo "=== $name: exit $rc after $(( $(date +%s) - start ))s" | tee -a "$OUT/bench_steps.txt"
-  [ "$rc" -eq 0 ] || status=1
-}
+STEP_PREFIX="bench_"
+source bench/_gpu_steps.sh
 
 python3 -c "import fastencdec" 2>/dev/null || \
   step build 150 python3 -m pip install -q --no-build-isolation --no-deps -e .

@@ -7,24 +7,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/gpu_tests_$(date +%Y%m%d-%H%M%S)}"
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
 # Tests run each kernel at its first autotune config only: one compile per shape instead
 # of a tuning sweep (the benchmarks tune).
 export FASTENCDEC_AUTOTUNE_ONE=1
-status=0
-t0=$(date +%s)
-
-step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log
-  local name=$1 limit=$2 start rc
-  shift 2
-  start=$(date +%s)
-  echo "=== $name (limit ${limit}s): $*"
-  timeout --signal=TERM --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
-  rc=${PIPESTATUS[0]}
-  echo "=== $name: exit $rc after $(( $(date +%s) - start ))s" | tee -a "$OUT/steps.txt"
-  [ "$rc" -eq 0 ] || status=1
-}
+STEP_PREFIX=""
+source bench/_gpu_steps.sh
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/nvidia-smi.txt" 2>&1
 cat "$OUT/nvidia-smi.txt"

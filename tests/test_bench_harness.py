@@ -198,6 +198,19 @@ def test_run_writes_meta_verdict_and_payload(tmp_path):
         harness.Run("unit", out=path)
 
 
+def test_device_parser_fills_per_device_defaults():
+    p = harness.device_parser("x")
+    p.add_argument("--repeats", type=int, default=None)
+    args = harness.parse_device_args(p, ["--device", "cpu"], repeats=(50, 2))
+    assert (args.device, args.repeats, args.out, args.results_dir) == ("cpu", 2, None, None)
+    args = harness.parse_device_args(p, ["--device", "cpu", "--repeats", "7"], repeats=(50, 2))
+    assert args.repeats == 7
+    if not torch.cuda.is_available():
+        assert harness.parse_device_args(p, [], repeats=(50, 2)).device == "cpu"
+        with pytest.raises(SystemExit, match="no CUDA device"):
+            harness.parse_device_args(p, ["--device", "cuda"], repeats=(50, 2))
+
+
 def test_format_table_text_and_markdown():
     rows = [{"name": "a", "v": 1.234, "r": 2.0}, {"name": "longer", "v": None, "r": 0.5}]
     cols = [harness.Column("name", "engine"), harness.Column("v", "value", ".1f"),

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from .argcheck import positive_int
 from .models import EncDecConfig, EncoderDecoderLM
 
 _ATTN = {"q_linear": "q_proj", "k_linear": "k_proj", "v_linear": "v_proj", "out_linear": "out_proj"}
@@ -200,8 +201,7 @@ def config_from_state_dict(state: dict[str, torch.Tensor], *, head_dim: int = 64
     if wte.dim() != 2:
         raise ValueError(f"{source}: 'transformer.wte.weight' must be 2-d, got "
                          f"shape {list(wte.shape)}")
-    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
-        raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+    head_dim = positive_int("head_dim", head_dim)
     if q_rows % head_dim or kv_rows % head_dim:
         raise ValueError(f"{source}: head_dim={head_dim} does not divide the q/k widths "
                          f"{q_rows}/{kv_rows}; pass the checkpoint's head_dim")

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from . import inputs
+from .argcheck import positive_int
 from .kv_cache import StaticKVCache
 from .ops import dispatch, validate
 
@@ -79,14 +80,6 @@ def next_tokens(logits: torch.Tensor, *, do_sample: bool, temperature: float = 1
 # --------------------------------------------------------------------------- settings
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
-
-
 def _token_id(name: str, value, vocab_size: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int token id, got {type(value).__name__}")
@@ -133,11 +126,11 @@ def make_settings(config, device: torch.device, *, max_new_tokens, do_sample, te
                   top_k, top_p, eos_token_id, pad_token_id, num_return_sequences, streamer,
                   generator) -> Settings:
     vocab = config.vocab_size
-    _positive_int("max_new_tokens", max_new_tokens)
-    _positive_int("num_return_sequences", num_return_sequences)
+    positive_int("max_new_tokens", max_new_tokens)
+    positive_int("num_return_sequences", num_return_sequences)
     temperature = validate.temperature(temperature)
     if top_k is not None:
-        _positive_int("top_k", top_k)
+        positive_int("top_k", top_k)
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
                               or not 0 < top_p <= 1):
         raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")

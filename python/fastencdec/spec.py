@@ -22,6 +22,8 @@ from functools import lru_cache
 
 import torch
 
+from .argcheck import int_at_least
+
 __all__ = ["Rope", "rope_base", "rope_inv_freq", "as_rope"]
 
 
@@ -48,11 +50,11 @@ class Rope:
         if not _finite_number(self.scaling_factor) or self.scaling_factor < 1.0:
             raise ValueError(f"rope scaling_factor (rope_scaling_factor) must be a finite "
                              f"number >= 1, got {self.scaling_factor!r}")
-        for name in ("max_position_embeddings", "seq_len"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < (1 if name == "max_position_embeddings" else 0)):
-                raise ValueError(f"rope {name} must be a positive int or None, got {value!r}")
+        # numpy ints become ints: the spec is hashed and flattened into op arguments
+        object.__setattr__(self, "max_position_embeddings", int_at_least(
+            "rope max_position_embeddings", self.max_position_embeddings, 1, allow_none=True))
+        object.__setattr__(self, "seq_len",
+                           int_at_least("rope seq_len", self.seq_len, 0, allow_none=True))
         if self.scaling_factor > 1.0 and self.max_position_embeddings is None:
             raise ValueError("rope_scaling_factor > 1 needs max_position_embeddings "
                              "(the trained context length)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..argcheck import positive_int
 from ..constants import DIVERGENCES, IGNORE_INDEX
 from . import dispatch, library, validate
 
@@ -44,7 +45,7 @@ def _check_student_head(student_hidden, lm_head_weight, n_rows_name: str, others
 
 
 def _chunk(chunk_size) -> int:
-    return validate.positive_int_or_none("chunk_size", chunk_size) or 0
+    return positive_int("chunk_size", chunk_size, allow_none=True) or 0
 
 
 def _wants(t: torch.Tensor) -> bool:

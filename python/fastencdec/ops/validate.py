@@ -264,11 +264,3 @@ def temperature(value, name: str = "temperature") -> float:
         raise ValueError(f"{name} must be a finite number >= {MIN_TEMPERATURE:g} (smaller "
                          f"values overflow the scaled logits), got {value}")
     return float(value)
-
-
-def positive_int_or_none(name: str, value) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-    return value
