@@ -318,6 +318,26 @@ def test_to_inference_converts_every_linear(arch, fmt, seed):
     assert err < bound, f"{arch} {fmt} logits rel err {err:.2e} (bound {bound})"
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_converted_model_keeps_no_view_of_the_loaded_file(fmt, tmp_path, seed):
+    # from_pretrained's tensors are views of the memory-mapped weights file; one
+    # surviving view (a norm weight, a bias) kept the whole file, float weights
+    # included, resident after conversion.
+    tiny("encdec").save_pretrained(tmp_path)
+    model = EncoderDecoderLM.from_pretrained(tmp_path)
+    loaded = {t.untyped_storage().data_ptr()
+              for t in list(model.parameters()) + list(model.buffers())}
+    to_inference(model, fmt)
+    kept = [t for m in model.modules()
+            for t in list(m._parameters.values()) + list(m._buffers.values())
+            + [v for k, v in vars(m).items() if isinstance(v, torch.Tensor)
+               and not k.startswith("_packed")]
+            if t is not None]
+    assert kept, "nothing to check"
+    assert not {t.untyped_storage().data_ptr() for t in kept} & loaded
+    assert model.lm_head is not None and weight_format(model) == fmt
+
+
 def test_to_inference_errors():
     model = EncoderDecoderLM(TINY)
     with pytest.raises(ValueError, match="dtype must be one of"):

@@ -425,6 +425,21 @@ def _convert(model: nn.Module, fmt: str, *, quantize: bool) -> None:
                     p.data = p.data.to(dtype)  # norms (and fp32 linears) in fp32
 
 
+def _own_memory(model: nn.Module) -> None:
+    """Give every tensor the converted model keeps (norms, biases, the embedding) its own
+    memory. A model loaded with ``from_pretrained`` holds views of the memory-mapped
+    weights file, and one surviving view keeps the whole mapping, float weights
+    included, resident: mu-330m int8 otherwise serves with ~2.0 GB RSS instead of ~0.7."""
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for t in table.values():
+                if t is not None:
+                    t.data = t.data.clone()  # the same Parameter object: ties survive
+        for name, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and not name.startswith("_packed"):
+                setattr(module, name, value.clone())
+
+
 def to_inference(model: nn.Module, dtype: str = "int8", *, fuse: bool = True) -> nn.Module:
     """Convert ``model`` (on the CPU) in place to the inference format ``dtype``
     ("fp32", "bf16" or "int8"; see the module docstring) and return it in eval mode
@@ -442,6 +457,7 @@ def to_inference(model: nn.Module, dtype: str = "int8", *, fuse: bool = True) ->
                          f"model to {fmt!r} instead")
     if current != fmt:
         _convert(model, fmt, quantize=True)
+        _own_memory(model)
     if fuse:
         fuse_projections(model)
     model.requires_grad_(False)
