@@ -440,3 +440,31 @@ def test_an_image_run_resumes_with_its_frozen_parts(vqa, tmp_path):
     run["training"]["max_steps"] = 6
     with pytest.raises(CheckpointError, match="different configuration"):
         run_training(run, device="cpu", threads=1, resume="auto")
+
+
+def test_on_policy_distillation_samples_with_the_images(image_stream):
+    from fastencdec import DecoderOnlyConfig, EncDecConfig
+    from fastencdec.training import sample_student_targets
+
+    student = _vlm()
+    torch.manual_seed(1)
+    teacher = DecoderOnlyVLM(VLMConfig(text=DecoderOnlyConfig.twin_of(EncDecConfig.preset("tiny")),
+                                       vision=VisionConfig.preset("tiny"),
+                                       anyres=AnyResConfig(crop_size=32)))
+    batch = next(image_stream())
+    # the samples are the student's answers to prompt + image (not to bare image slots)
+    sampled = sample_student_targets(student, batch, max_new_tokens=4,
+                                     generator=torch.Generator().manual_seed(0))
+    expected = student.generate(batch["input_ids"], batch["attention_mask"], do_sample=True,
+                                max_new_tokens=4, eos_token_id=2,
+                                generator=torch.Generator().manual_seed(0),
+                                image_pixels=batch["image_pixels"],
+                                image_crop_mask=batch["image_crop_mask"], image_slots=True)
+    real = sampled["labels"] != -100
+    assert sampled["labels"].shape == expected.shape and bool(real[:, 0].all())
+    assert torch.equal(sampled["labels"][real], expected[real])
+    assert sampled["image_pixels"] is batch["image_pixels"]
+    config = TrainConfig(task="distill", max_steps=2, warmup_steps=1, optimizer="adamw",
+                         on_policy=1.0, max_new_tokens=4, progress=False)
+    history = Trainer(student, config, image_stream(), teacher=teacher, device="cpu").train()
+    assert len(history) == 2 and all(math.isfinite(r["loss"]) for r in history)
