@@ -468,3 +468,18 @@ def test_on_policy_distillation_samples_with_the_images(image_stream):
                          on_policy=1.0, max_new_tokens=4, progress=False)
     history = Trainer(student, config, image_stream(), teacher=teacher, device="cpu").train()
     assert len(history) == 2 and all(math.isfinite(r["loss"]) for r in history)
+
+
+def test_synthetic_visual_qa_checks_its_arguments():
+    with pytest.raises(ValueError, match=r"canvas \(2, 1\) has 2 cell\(s\); each canvas needs "
+                                         "at least 3"):
+        VisualQA(canvases=((2, 2), (2, 1)))
+    with pytest.raises(ValueError, match="canvases must hold \\(columns, rows\\) pairs"):
+        VisualQA(canvases=(3,))
+    with pytest.raises(ValueError, match="cell must be a positive int, got 0"):
+        VisualQA(cell=0)
+    with pytest.raises(ValueError, match="n must be a non-negative int, got -1"):
+        VisualQA().generate(-1)
+    with pytest.raises(ValueError, match="split must be 'train', 'valid' or 'test'"):
+        VisualQA().generate(2, split="dev")
+    assert VisualQA().generate(0) == []

@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..argcheck import int_at_least, positive_int
+
 __all__ = ["COLOURS", "NUMBERS", "VisualQA", "QUESTIONS"]
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220),
@@ -37,9 +39,13 @@ class VisualQA:
 
     def __init__(self, *, cell: int = 32, canvases=((3, 3), (3, 2), (2, 3)), seed: int = 0,
                  background=(235, 235, 228)):
-        self.cell, self.canvases, self.seed = cell, tuple(canvases), seed
+        self.cell = positive_int("cell", cell)
+        self.canvases, self.seed = tuple(canvases), int_at_least("seed", seed, 0)
         for canvas in self.canvases:  # a triangle and up to two circles, one per cell
-            cols, rows = canvas
+            if not isinstance(canvas, (tuple, list)) or len(canvas) != 2:
+                raise ValueError(f"canvases must hold (columns, rows) pairs, got {canvas!r}")
+            cols, rows = (positive_int("canvas width (cells)", canvas[0]),
+                          positive_int("canvas height (cells)", canvas[1]))
             if cols * rows < 3:
                 raise ValueError(f"canvas {tuple(canvas)} has {cols * rows} cell(s); each canvas "
                                  "needs at least 3 (a triangle and up to two circles)")
@@ -69,6 +75,9 @@ class VisualQA:
         return {"image": img, "source": QUESTIONS[1], "target": NUMBERS[n_circles]}
 
     def generate(self, n: int, split: str = "train") -> list[dict]:
+        n = int_at_least("n", n, 0)
+        if split not in ("train", "valid", "test"):
+            raise ValueError(f"split must be 'train', 'valid' or 'test', got {split!r}")
         offset = {"train": 0, "valid": 1, "test": 2}[split]
         rng = np.random.default_rng([self.seed, offset])
         return [self._one(rng) for _ in range(n)]
