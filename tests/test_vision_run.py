@@ -483,3 +483,66 @@ def test_synthetic_visual_qa_checks_its_arguments():
     with pytest.raises(ValueError, match="split must be 'train', 'valid' or 'test'"):
         VisualQA().generate(2, split="dev")
     assert VisualQA().generate(0) == []
+
+
+def _two_process_run(rank, world_size, strategy, port, folder, out):
+    import os as _os
+
+    from fastencdec.training import DistInfo, init_distributed
+
+    if world_size > 1:
+        _os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                           WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+        info = init_distributed("cpu")
+    else:
+        info = DistInfo()
+    torch.set_num_threads(1)
+    anyres = AnyResConfig(crop_size=32)
+
+    class Bytes:
+        pad_id, bos_id, eos_id = 0, 1, 2
+
+        def encode(self, text, *, add_eos=False, max_length=None):
+            ids = [b + 4 for b in text.encode()][:max_length]
+            return ids + [self.eos_id] if add_eos else ids
+
+    encoder = Seq2SeqEncoder(Bytes(), max_source_len=40, max_target_len=8)
+    examples, _ = load_image_text_examples(os.path.join(folder, "train.jsonl"), encoder, anyres)
+    sampler = LengthBucketBatchSampler([len(e["input_ids"]) for e in examples], 2, seed=0)
+    stream = BatchStream(examples, sampler, ImageTextCollator(anyres, tokens_per_crop=16),
+                         rank=info.rank, world_size=info.world_size)
+    config = TrainConfig(max_steps=2, grad_accum=3 - world_size, lr=1e-2, warmup_steps=0,
+                         distributed=strategy, optimizer="adamw", progress=False,
+                         freeze_vision=True, lr_multipliers={"projector": 0.5})
+    trainer = Trainer(_vlm(), config, stream, dist_info=info)
+    history = trainer.train()
+    trainer.save_model(out + ".model")
+    if info.rank == 0:
+        torch.save([r["loss"] for r in history], out)
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_train_a_frozen_vlm_like_one(vqa, tmp_path, strategy):
+    """DDP / FSDP2 (gloo) with a frozen tower and a per-part rate: the same losses as
+    one process accumulating the same micro-batches, and the saved model reloads."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    single, multi = str(tmp_path / "single.pt"), str(tmp_path / "multi.pt")
+    _two_process_run(0, 1, strategy, 0, str(vqa["folder"]), single)
+    mp.spawn(_two_process_run, args=(2, strategy, port, str(vqa["folder"]), multi), nprocs=2,
+             join=True)
+    a, b = torch.load(single), torch.load(multi)
+    assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    one, two = load_vlm(single + ".model").state_dict(), load_vlm(multi + ".model").state_dict()
+    initial = _vlm().state_dict()
+    for name, value in one.items():
+        torch.testing.assert_close(two[name], value, rtol=1e-4, atol=1e-5)
+        if name.startswith("vision."):
+            assert torch.equal(two[name], initial[name]), name
