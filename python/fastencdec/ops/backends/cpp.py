@@ -111,7 +111,9 @@ def cross_attention(q, k, v, mask, scale):
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, mask, scale):
-    q, k_cache, v_cache = _dense(q), _dense(k_cache), _dense(v_cache)
+    if (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad
+            or not (q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous())):
+        q, k_cache, v_cache = _dense(q), _dense(k_cache), _dense(v_cache)
     out = torch.empty_like(q)
     _cpp.decode_attention(_np(q), _np(k_cache), _np(v_cache), _index(cache_seqlens),
                           None if mask is None else _mask(mask), _np(out), scale,
