@@ -109,6 +109,11 @@ class Trainer:
     settings) that make a run different, hashed with the config. ``dist_info``: from
     :func:`init_distributed` (default: the running process group, or one process on
     ``device``, CUDA when available).
+
+    A vision-language model (``fastencdec.vision``) trains in stages through the
+    config: ``freeze_vision`` / ``freeze_projector`` / ``freeze_lm`` stop that part's
+    gradients (``requires_grad_(False)`` on the model given; the optimizer never sees
+    it) and ``lr_multipliers`` (``{part: factor}``) gives a part its own learning rate.
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, data, *,
