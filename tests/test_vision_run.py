@@ -220,9 +220,10 @@ def test_freeze_flags_freeze_exactly_the_named_parts(image_stream, frozen):
     assert changed == {"vision", "projector", "lm"} - set(frozen)
 
 
-def test_tower_lr_is_the_configured_fraction_at_every_step(image_stream):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_tower_lr_is_the_configured_fraction_at_every_step(image_stream, optimizer):
     model = _vlm()
-    config = TrainConfig(max_steps=4, warmup_steps=2, lr=2e-3, optimizer="adamw",
+    config = TrainConfig(max_steps=4, warmup_steps=2, lr=2e-3, optimizer=optimizer,
                          progress=False, lr_multipliers={"vision": 0.1, "projector": 2.0})
     trainer = Trainer(model, config, image_stream(), device="cpu")
     part_of = {id(p): name.split(".")[0] for name, p in model.named_parameters()}
@@ -240,6 +241,9 @@ def test_tower_lr_is_the_configured_fraction_at_every_step(image_stream):
     # the schedule moved the rates (warmup then decay), each part kept its fraction
     assert seen[0] == pytest.approx(1e-3) and max(seen) == pytest.approx(2e-3)
     assert seen[-1] < max(seen)
+    assert all(math.isfinite(r["loss"]) for r in trainer.history)
+    kinds = [type(o).__name__ for o in trainer.optimizer.optimizers]
+    assert kinds == (["AdamW", "Muon"] if optimizer == "muon" else ["AdamW"])
 
 
 def test_build_optimizer_gives_each_part_its_rate_and_skips_frozen_parts():
