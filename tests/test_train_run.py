@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastencdec import DecoderOnlyConfig, DecoderOnlyLM, EncDecConfig, EncoderDecoderLM
-from fastencdec.data import BatchStream, LengthBucketBatchSampler, Seq2SeqCollator
+from fastencdec.data import Seq2SeqCollator
 from fastencdec.training import (
     CheckpointError,
     Evaluator,
@@ -23,24 +23,9 @@ from fastencdec.training import (
     TrainingInterrupted,
     read_metrics,
 )
-from tiny_models import VOCAB, tiny_decoder_only, tiny_encdec
+from tiny_models import VOCAB, examples, stream, tiny_decoder_only, tiny_encdec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def examples(n=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        src = torch.randint(5, VOCAB, (int(torch.randint(3, 10, (1,), generator=g)),), generator=g)
-        tgt = torch.randint(5, VOCAB, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g)
-        out.append({"input_ids": src.tolist(), "labels": tgt.tolist() + [2]})
-    return out
-
-
-def stream(exs, batch_size=4, seed=0):
-    sampler = LengthBucketBatchSampler([len(e["input_ids"]) for e in exs], batch_size, seed=seed)
-    return BatchStream(exs, sampler, Seq2SeqCollator())
 
 
 def config(out_dir, **changes):

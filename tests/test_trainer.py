@@ -6,10 +6,9 @@ import os
 import pytest
 import torch
 
+import tiny_models
 from fastencdec import EncoderDecoderLM
 from fastencdec.data import (
-    BatchStream,
-    LengthBucketBatchSampler,
     Seq2SeqCollator,
     SpanCorruptionCollator,
 )
@@ -27,24 +26,13 @@ from fastencdec.training import (
     teacher_logits_for,
     warmup_cosine_factor,
 )
-from tiny_models import VOCAB, tiny_encdec, tiny_teacher
+from tiny_models import VOCAB, stream, tiny_encdec, tiny_teacher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def examples(n=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        src = torch.randint(5, VOCAB, (int(torch.randint(3, 10, (1,), generator=g)),), generator=g)
-        tgt = torch.randint(5, VOCAB, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g)
-        out.append({"input_ids": src.tolist(), "labels": tgt.tolist() + [2]})
-    return out
-
-
-def stream(exs, batch_size, collate=None, seed=0):
-    sampler = LengthBucketBatchSampler([len(e["input_ids"]) for e in exs], batch_size, seed=seed)
-    return BatchStream(exs, sampler, collate or Seq2SeqCollator())
+    return tiny_models.examples(n, seed)
 
 
 def batch_of(exs):
