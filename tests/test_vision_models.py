@@ -136,13 +136,20 @@ def _greedy_without_cache(model, arch, ids, mask, pixels, crop_mask, n):
 
 
 def test_cached_generation_equals_recomputation(seed, arch):
-    model = _model(arch)
     ids, mask, pixels, crop_mask = _batch(seed)
-    got = model.generate(ids, mask, image_pixels=pixels, image_crop_mask=crop_mask,
-                         max_new_tokens=8, eos_token_id=NO_EOS)
-    want = _greedy_without_cache(model, arch, ids, mask, pixels, crop_mask, 8)
-    assert torch.equal(got, want)
-    assert len(set(got.flatten().tolist())) > 3  # the outputs really vary
+    # A random model sometimes settles into repeating one token (~1 seed in 40), which
+    # would make the comparison trivial: every model tried must agree, and the first
+    # whose outputs really vary is the one checked further.
+    for attempt in range(4):
+        torch.manual_seed(seed + attempt)
+        model = _model(arch)
+        got = model.generate(ids, mask, image_pixels=pixels, image_crop_mask=crop_mask,
+                             max_new_tokens=8, eos_token_id=NO_EOS)
+        want = _greedy_without_cache(model, arch, ids, mask, pixels, crop_mask, 8)
+        assert torch.equal(got, want)
+        if len(set(got.flatten().tolist())) > 3:
+            break
+    assert len(set(got.flatten().tolist())) > 3, "four random models all repeated one token"
     # and the rows of a batch generate what they generate alone
     for i in range(3):
         r_ids, _, r_px, _ = _row((ids, mask, pixels, crop_mask), i)
