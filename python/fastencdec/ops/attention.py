@@ -32,7 +32,8 @@ def _needs_grad(*tensors) -> bool:
 def _run(op: str, args: tuple):
     if torch.compiler.is_compiling():
         return library.call(op, *args)
-    return dispatch.run(op, args[0].device.type, *args)
+    x = args[0]
+    return dispatch.run(op, "cpu" if x.is_cpu else x.device.type, *args)
 
 
 def self_attention(
@@ -127,8 +128,8 @@ def decode_attention(
     if torch.compiler.is_compiling():
         return library.call("decode_attention", q, k_cache, v_cache, cache_seqlens,
                             key_padding_mask, scale)
-    return dispatch.run("decode_attention", device.type, q, k_cache, v_cache, cache_seqlens,
-                        key_padding_mask, scale)
+    return dispatch.run("decode_attention", "cpu" if q.is_cpu else device.type, q, k_cache,
+                        v_cache, cache_seqlens, key_padding_mask, scale)
 
 
 def append_kv_cache(

@@ -83,10 +83,10 @@ def qkv(q, k, v, *, k_name="k", v_name="v", same_len: bool) -> int:
         fast = (len(qs) == 4 and len(ks) == 4 and v.shape == ks and q.dtype in _KERNEL_DTYPES
                 and k.dtype is q.dtype and v.dtype is q.dtype and qs[0] == ks[0]
                 and qs[3] == ks[3] and ks[2] > 0 and qs[2] % ks[2] == 0
-                and (qs[1] == ks[1] if same_len else ks[1] > 0) and 0 not in qs)
-        if fast:
+                and (qs[1] == ks[1] if same_len else ks[1] > 0) and q.numel() != 0)
+        if fast and (q.is_cpu or q.is_cuda):  # DEVICE_TYPES (device.type builds a str)
             device = q.device
-            if k.device == device and v.device == device and device.type in DEVICE_TYPES:
+            if k.device == device and v.device == device:
                 return qs[3]
     except (AttributeError, TypeError):
         pass

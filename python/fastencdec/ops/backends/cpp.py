@@ -111,13 +111,22 @@ def cross_attention(q, k, v, mask, scale):
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, mask, scale):
+    # Called once per layer and token: the common case (dense fp32, int32 lengths) is
+    # written out inline; anything else takes the general helpers.
     if (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad
             or not (q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous())):
         q, k_cache, v_cache = _dense(q), _dense(k_cache), _dense(v_cache)
     out = torch.empty_like(q)
-    _cpp.decode_attention(_np(q), _np(k_cache), _np(v_cache), _index(cache_seqlens),
-                          None if mask is None else _mask(mask), _np(out), scale,
-                          _STORAGE[q.dtype], torch.get_num_threads())
+    dtype = q.dtype
+    lens = (cache_seqlens.numpy() if cache_seqlens.dtype is torch.int32
+            and cache_seqlens.is_contiguous() else _index(cache_seqlens))
+    if dtype is torch.float32:
+        views = (q.numpy(), k_cache.numpy(), v_cache.numpy(), out.numpy())
+    else:
+        views = (_np(q), _np(k_cache), _np(v_cache), _np(out))
+    _cpp.decode_attention(views[0], views[1], views[2], lens,
+                          None if mask is None else _mask(mask), views[3], scale,
+                          _STORAGE[dtype], torch.get_num_threads())
     return out
 
 
