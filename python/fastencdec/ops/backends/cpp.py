@@ -138,9 +138,11 @@ def append_kv_cache(q, k, v, k_cache, v_cache, cache_seqlens, rope):
     base = 0.0
     if rope is not None:
         base = _rope_base(rope, head_dim, lambda: lens.max() + (t_new - 1))
-    _C().append_kv_cache(_np(q), _np(k), _np(v), _np(k_cache.detach()),
-                         _np(v_cache.detach()), lens, _np(q_out), rope is not None,
-                         float(base), _STORAGE[q.dtype], torch.get_num_threads())
+    if k_cache.requires_grad or v_cache.requires_grad:  # written in place, outside autograd
+        k_cache, v_cache = k_cache.detach(), v_cache.detach()
+    _C().append_kv_cache(_np(q), _np(k), _np(v), _np(k_cache), _np(v_cache), lens, _np(q_out),
+                         rope is not None, float(base), _STORAGE[q.dtype],
+                         torch.get_num_threads())
     if rope is None:
         q_out.copy_(q)
     return q_out
