@@ -151,15 +151,15 @@ def append_kv_cache(
     ``cache_seqlens`` by ``T``. ``rope`` as in :func:`self_attention`; the NTK length
     is ``max(cache_seqlens) + T`` unless the ``Rope`` fixes it."""
     head_dim = validate.qkv(q, k, v, same_len=True)
-    batch, n_kv = q.shape[0], k.shape[2]
-    validate.cache("k_cache", k_cache, batch, n_kv, head_dim, q.dtype, q.device, written=True)
-    validate.cache("v_cache", v_cache, batch, n_kv, head_dim, q.dtype, q.device, written=True)
-    if k_cache.shape != v_cache.shape:
+    batch, n_kv, dtype, device = q.shape[0], k.shape[2], q.dtype, q.device
+    k_len = validate.cache("k_cache", k_cache, batch, n_kv, head_dim, dtype, device, written=True)
+    v_len = validate.cache("v_cache", v_cache, batch, n_kv, head_dim, dtype, device, written=True)
+    if k_len != v_len:
         raise ValueError(f"k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} "
                          "must have the same shape")
     if k_cache is v_cache:
         raise ValueError("k_cache and v_cache must be different tensors")
-    validate.cache_seqlens(cache_seqlens, batch, q.device)
+    validate.cache_seqlens(cache_seqlens, batch, device)
     spec = as_rope(rope, rope_theta, rope_scaling_factor, max_position_embeddings)
     validate.rope(spec, head_dim)
     return _run("append_kv_cache", (q, k, v, k_cache, v_cache, cache_seqlens, spec))

@@ -194,6 +194,14 @@ def cache(name: str, c, batch: int, n_kv: int, head_dim: int, dtype, device, *,
           written: bool) -> int:
     """A KV cache ``[batch, max_len, n_kv_heads, head_dim]``; returns ``max_len``.
     A cache written in place must not alias itself (e.g. an ``expand``-ed tensor)."""
+    try:  # the decode hot path: one expression for the common valid case
+        s = c.shape
+        if (len(s) == 4 and s[0] == batch and s[2] == n_kv and s[3] == head_dim and s[1] > 0
+                and c.dtype == dtype and c.device == device
+                and (not written or c.is_contiguous())):
+            return s[1]
+    except AttributeError:
+        pass
     if not isinstance(c, torch.Tensor) or c.dim() != 4:
         tensor(name, c, ndim=4, layout="[batch, max_len, n_kv_heads, head_dim]")
     if c.shape[0] != batch or c.shape[2] != n_kv or c.shape[3] != head_dim:
