@@ -103,6 +103,27 @@ def test_int8_linear_matches_float(k, n, bias, seed):
         assert act < 1.5e-2, f"activation rounding rel err {act:.2e} for x {shape}"
 
 
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("k,m", [(1, 3), (24, 5), (96, 700)])
+def test_int8_linear_eager_fallback_equals_the_cpp_passes(k, m, gelu, seed, monkeypatch):
+    # Without the C++ row passes (a build without the extension's helpers, or one input
+    # feature) Int8Linear prepares the rows in eager ops: the same grid, the same GEMM.
+    import fastencdec.models.quantize as quantize_module
+
+    gen = torch.Generator().manual_seed(seed)
+    q = Int8Linear.from_float(float_linear(k, 40, True, gen))
+    q.activation = "gelu_tanh" if gelu else None
+    x = torch.randn(2, m, k, generator=gen)
+    x[0, 1] = 0.0  # a zero row comes back as the bias (GELU'd)
+    fast = q(x)
+    monkeypatch.setattr(quantize_module, "_scale_rows", None)
+    monkeypatch.setattr(quantize_module, "_rescale_rows", None)
+    eager = q(x)
+    assert torch.allclose(fast, eager, rtol=1e-5, atol=1e-6)
+    want = q.bias if not gelu else F.gelu(q.bias, approximate="tanh")
+    assert torch.allclose(eager[0, 1], want, rtol=1e-6, atol=1e-7)
+
+
 # Int8Linear prepares small and large inputs differently (fewest ops / fewest
 # temporaries): 3 rows take the first way, 700 x 96 values the second.
 @pytest.mark.parametrize("m", [3, 700])

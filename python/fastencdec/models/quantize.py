@@ -200,7 +200,7 @@ class Int8Linear(_PackedLinear):
     ``max |x_row| / 127.5``) and fbgemm's AVX512-VNNI/AVX2 GEMM multiplies the uint8
     activations by the int8 weights with int32 accumulation
     (``quantized.linear_dynamic``). Measured (``bench/bench_linear_cpu.py``): the
-    fastest int8 path PyTorch ships at decode sizes (M = 1-8: ~90% of copy bandwidth
+    fastest int8 path PyTorch ships at decode sizes (M = 1-8: ~75-85% of copy bandwidth
     on the MLP and LM head GEMVs; the weight-only ``_weight_int8pack_mm`` is 2-3x
     slower there, ``_int_mm`` and oneDNN's int8 paths 1.5-2x), and within ~20% of the
     fastest at M = 512 (oneDNN's engine, which keeps a second copy of the weights).
@@ -256,19 +256,32 @@ class Int8Linear(_PackedLinear):
         return plain["weight"].float() * plain["weight_scale"][:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x, torch.float32)
-        x2 = x.reshape(-1, self.in_features)
+        k = self.in_features
+        if (x.dtype is not torch.float32 or not x.is_cpu or x.dim() == 0 or x.shape[-1] != k
+                or self._packed is None):
+            self._check_input(x, torch.float32)  # raises, naming what is wrong
+        x2 = x.reshape(-1, k)
         m = x2.shape[0]
+        if m and k >= 2 and _scale_rows is not None and _rescale_rows is not None:
+            # The common case, written out (61 calls per generated mu-330m token):
+            # rows scaled into xs (+ the anchor row), the GEMM, y * r + bias (+ GELU).
+            if not x2.is_contiguous():
+                x2 = x2.contiguous()
+            threads = torch.get_num_threads()
+            xs = torch.empty(m + 1, k)
+            r = torch.empty(m)
+            _scale_rows(x2.numpy(), xs.numpy(), r.numpy(), threads)
+            y = torch.ops.quantized.linear_dynamic(xs, self._packed, False)[:m]
+            bias = self.bias
+            _rescale_rows(y.numpy(), r.numpy(), None if bias is None else bias.numpy(),
+                          self.activation == "gelu_tanh", threads)
+            return y.view(*x.shape[:-1], self.out_features)
         if m == 0:
             return x.new_zeros(*x.shape[:-1], self.out_features)
-        # x / r lies in [-1, 1]; rows with r = 0, NaN or Inf are zeroed so that they
-        # cannot disturb the GEMM, and come back as bias (r = 0) or NaN (r NaN or Inf).
-        if self.in_features >= 2 and _scale_rows is not None:  # one fused C++ pass
-            x2 = x2 if x2.is_contiguous() else x2.contiguous()
-            xs = x2.new_empty(m + 1, self.in_features)
-            r = x2.new_empty(m, 1)
-            _scale_rows(x2.numpy(), xs.numpy(), r.view(m).numpy(), torch.get_num_threads())
-        elif x2.numel() <= 1 << 16:  # decoding: fewest ops (each costs microseconds)
+        # Without the C++ passes (or for a single input feature), in eager ops: x / r lies
+        # in [-1, 1]; rows with r = 0, NaN or Inf are zeroed so that they cannot disturb
+        # the GEMM, and come back as bias (r = 0) or NaN (r NaN or Inf).
+        if x2.numel() <= 1 << 16:  # decoding: fewest ops (each costs microseconds)
             r = x2.abs().amax(1, keepdim=True)
             xs = torch.cat([torch.div(x2, r).nan_to_num_(0.0, 0.0, 0.0), self._anchor])
         else:  # no [M, K] temporaries beyond xs: large ones cost page faults per call
