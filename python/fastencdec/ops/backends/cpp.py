@@ -103,10 +103,19 @@ def self_attention(q, k, v, mask, positions, offset, causal, scale, rope):
 
 
 def cross_attention(q, k, v, mask, scale):
-    q, k, v = _dense(q), _dense(k), _dense(v)
+    # Once per decoder layer and token: the common case (dense fp32) written out inline.
+    if (q.requires_grad or k.requires_grad or v.requires_grad
+            or not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous())):
+        q, k, v = _dense(q), _dense(k), _dense(v)
     out = torch.empty_like(q)
-    _C().cross_attention(_np(q), _np(k), _np(v), _np(out), _mask(mask), scale,
-                         _STORAGE[q.dtype], torch.get_num_threads())
+    dtype = q.dtype
+    if dtype is torch.float32:
+        views = (q.numpy(), k.numpy(), v.numpy(), out.numpy())
+    else:
+        views = (_np(q), _np(k), _np(v), _np(out))
+    _cpp.cross_attention(views[0], views[1], views[2], views[3],
+                         None if mask is None else _mask(mask), scale, _STORAGE[dtype],
+                         torch.get_num_threads())
     return out
 
 
