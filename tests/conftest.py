@@ -1,4 +1,5 @@
-"""Test setup: Triton's interpreter without a GPU, a ``gpu`` marker, fresh seeds."""
+"""Test setup: Triton's interpreter without a GPU, a ``gpu`` marker, fresh seeds, and
+the per-ISA fixture of the C++ kernel tests."""
 
 import os
 import random
@@ -9,6 +10,28 @@ import torch
 # Must happen before any Triton kernel is defined (kernel modules are imported lazily).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+try:  # after TRITON_INTERPRET: importing fastencdec may define kernels
+    from fastencdec import _C as _CPP
+
+    RUNNABLE_ISAS = [n for n in _CPP.compiled_isas().split(",") if _CPP.cpu_supports(n)]
+except ImportError:
+    _CPP, RUNNABLE_ISAS = None, []
+
+
+@pytest.fixture(params=RUNNABLE_ISAS or [None])
+def isa(request, monkeypatch):
+    """Each instruction set the C++ kernels were built for and this CPU runs, made the
+    active one for the test (``FASTENCDEC_CPU_ISA``)."""
+    if _CPP is None:
+        pytest.skip("fastencdec._C is not built")
+    monkeypatch.setenv("FASTENCDEC_CPU_ISA", request.param)
+    _CPP.reset_isa()
+    assert _CPP.active_isa() == request.param
+    yield request.param
+    monkeypatch.delenv("FASTENCDEC_CPU_ISA", raising=False)
+    _CPP.reset_isa()  # re-read lazily from the restored environment
 
 
 def pytest_collection_modifyitems(config, items):

@@ -19,20 +19,10 @@ from fastencdec.ops.backends import cpp as cpp_backend
 
 _C = pytest.importorskip("fastencdec._C")
 
-ISAS = [name for name in _C.compiled_isas().split(",") if _C.cpu_supports(name)]
 LENGTHS = (1, 7, 64, 129, 300)
 HEAD_DIMS = (32, 64, 80, 128)
 HEADS = ((4, 4), (6, 3), (8, 2), (8, 1))
 LOW = (torch.bfloat16, torch.float16)
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch):
-    monkeypatch.setenv("FASTENCDEC_CPU_ISA", request.param)
-    _C.reset_isa()
-    assert _C.active_isa() == request.param
-    yield request.param
-    _C.reset_isa()  # re-read lazily, after monkeypatch has restored the variable
 
 
 @pytest.fixture

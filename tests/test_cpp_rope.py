@@ -9,18 +9,6 @@ from fastencdec import ops, reference
 
 _C = pytest.importorskip("fastencdec._C")
 
-RUNNABLE_ISAS = [isa for isa in _C.compiled_isas().split(",") if _C.cpu_supports(isa)]
-
-
-@pytest.fixture(params=RUNNABLE_ISAS)
-def isa(request, monkeypatch):
-    monkeypatch.setenv("FASTENCDEC_CPU_ISA", request.param)
-    _C.reset_isa()
-    assert _C.active_isa() == request.param
-    yield request.param
-    monkeypatch.delenv("FASTENCDEC_CPU_ISA")
-    _C.reset_isa()
-
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 2), (2, 7, 3, 32), (1, 129, 2, 80), (3, 5, 4, 128)])
 def test_matches_reference(isa, backend, seed, shape):

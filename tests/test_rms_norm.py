@@ -10,17 +10,7 @@ from fastencdec import ops, reference
 from fastencdec.ops import dispatch
 
 _C = pytest.importorskip("fastencdec._C")
-ISAS = [name for name in _C.compiled_isas().split(",") if _C.cpu_supports(name)]
 BACKENDS = ["cpp"] + (["triton"] if dispatch.triton_usable("cpu") else [])
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch):
-    monkeypatch.setenv("FASTENCDEC_CPU_ISA", request.param)
-    _C.reset_isa()
-    yield request.param
-    monkeypatch.delenv("FASTENCDEC_CPU_ISA")
-    _C.reset_isa()
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 7), (2, 5, 64), (1, 1, 1024), (4, 130, 80)])

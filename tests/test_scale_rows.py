@@ -8,16 +8,6 @@ import pytest
 import torch
 
 _C = pytest.importorskip("fastencdec._C")
-ISAS = [name for name in _C.compiled_isas().split(",") if _C.cpu_supports(name)]
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch):
-    monkeypatch.setenv("FASTENCDEC_CPU_ISA", request.param)
-    _C.reset_isa()
-    yield request.param
-    monkeypatch.delenv("FASTENCDEC_CPU_ISA")
-    _C.reset_isa()
 
 
 @pytest.mark.parametrize("shape", [(1, 2), (3, 17), (5, 1024), (64, 37)])
