@@ -77,3 +77,20 @@ def greedy_recompute_decoder_only(model, ids, mask, n):
         ids = torch.cat([ids, nxt[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     return torch.stack(out, dim=1)
+
+
+def join_test_group(rank: int, world_size: int, port: int):
+    """In a spawned test worker: join a gloo group of ``world_size`` processes on
+    localhost:``port`` (one process: no group) and use one thread; returns its DistInfo."""
+    import os
+
+    from fastencdec.training import DistInfo, init_distributed
+
+    if world_size > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                          WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+        info = init_distributed("cpu")
+    else:
+        info = DistInfo()
+    torch.set_num_threads(1)
+    return info

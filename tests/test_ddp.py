@@ -1,16 +1,16 @@
 """Two processes with DDP or FSDP2 (gloo, CPU) make the same update as one process
 with gradient accumulation over the same micro-batches."""
 
-import os
 import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from _helpers import join_test_group
 from fastencdec import EncDecConfig, EncoderDecoderLM
 from fastencdec.data import BatchStream, LengthBucketBatchSampler, Seq2SeqCollator
-from fastencdec.training import DistInfo, TrainConfig, Trainer, init_distributed
+from fastencdec.training import TrainConfig, Trainer
 
 STEPS = 3
 
@@ -27,13 +27,7 @@ def _examples():
 
 def _run(rank: int, world_size: int, grad_accum: int, strategy: str, optimizer: str, port: int,
          out: str):
-    if world_size > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                          WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-        info = init_distributed("cpu")
-    else:
-        info = DistInfo()
-    torch.set_num_threads(1)
+    info = join_test_group(rank, world_size, port)
     torch.manual_seed(0)
     config = EncDecConfig.preset("tiny").replace(vocab_size=64)
     model = EncoderDecoderLM(config)

@@ -490,17 +490,9 @@ def test_synthetic_visual_qa_checks_its_arguments():
 
 
 def _two_process_run(rank, world_size, strategy, port, folder, out):
-    import os as _os
+    from _helpers import join_test_group
 
-    from fastencdec.training import DistInfo, init_distributed
-
-    if world_size > 1:
-        _os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                           WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-        info = init_distributed("cpu")
-    else:
-        info = DistInfo()
-    torch.set_num_threads(1)
+    info = join_test_group(rank, world_size, port)
     anyres = AnyResConfig(crop_size=32)
 
     class Bytes:
