@@ -92,8 +92,7 @@ def cross_attention(
     head_dim = validate.qkv(q, k, v, same_len=False)
     if key_padding_mask is not None:
         validate.key_padding_mask(key_padding_mask, q.shape[0], k.shape[1], q.device)
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else validate.scale(scale, head_dim)
-    args = (q, k, v, key_padding_mask, scale)
+    args = (q, k, v, key_padding_mask, validate.scale(scale, head_dim))
     if _needs_grad(q, k, v):
         return library.call("cross_attention_with_lse", *args,
                             _deterministic(deterministic))[0]
