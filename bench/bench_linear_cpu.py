@@ -11,7 +11,7 @@ rows (decode GEMVs) and M = 512 (the encoder's GEMMs), on 1 and 2 threads, it ti
                      ``quantized.linear_dynamic`` with fbgemm- and oneDNN-packed weights |
                      int8 oneDNN ``onednn.qlinear_pointwise`` (u8 activations quantised in
                      eager code) | int8 x int8 -> int32 ``_int_mm`` with per-row scales |
-                     fastencdec's ``Int8Linear`` (fbgemm with per-row activation grids)
+                     fastencdec's ``Int8Linear`` (its own C++ kernel, per-row activation grids)
   bf16 activations   bf16 ``F.linear`` (oneDNN) | bf16 oneDNN-packed ``mkldnn._linear_pointwise``
                      | fastencdec's ``Bf16Linear`` | int8 weight-only ``_weight_int8pack_mm`` |
                      int4 weight-only ``_weight_int4pack_mm_for_cpu`` (group 128; reference)

@@ -16,6 +16,8 @@ touching model code:
   ``decode_attention``, ``append_kv_cache``, ``apply_rope``) are wrapped in regions
   for the run, and ``fastencdec::*`` custom-op events count too: C++ kernels called
   through pybind11 are invisible to the profiler, the region around them is not;
+  likewise the int8 GEMM kernel (``models.quantize._int8_linear``) gets a region,
+  charged like a matmul op to the module that called it;
 - an op is counted once, at its outermost level (nested aten calls belong to it);
 - overhead = the unprofiled wall time minus all counted op time: Python, dispatch,
   hooks of the model itself, allocation between ops.
@@ -46,6 +48,7 @@ CATEGORIES = ("encoder GEMMs", "decoder GEMMs", "LM head", "attention ops",
               "norms/activations", "other ops", "overhead")
 WRAPPED_OPS = ("self_attention", "cross_attention", "decode_attention", "append_kv_cache",
                "apply_rope")
+WRAPPED_GEMMS = ("_int8_linear",)  # models.quantize's C++ GEMM entry points
 LABEL = "fed::"
 MATMUL_RE = re.compile(r"linear|addmm|(^|::)mm$|matmul|bmm|int8pack|_int_mm|gemm|qlinear")
 
@@ -58,7 +61,7 @@ class Attribution:
         self.torch, self.model = torch, model
         self.handles, self.stack = [], []
         self.calls = defaultdict(int)
-        self.originals = {}
+        self.originals, self.gemm_originals = {}, {}
         self.kinds = {}  # module label -> "linear" | "norm" | "mlp" | "attention" | "other"
 
     def install(self):
@@ -75,14 +78,25 @@ class Attribution:
             if hasattr(ops, op):
                 self.originals[op] = getattr(ops, op)
                 setattr(ops, op, self._wrap(op, self.originals[op]))
+        # GEMM kernels called through pybind11 (invisible to the profiler otherwise)
+        from fastencdec.models import quantize
+
+        for attr in WRAPPED_GEMMS:
+            fn = getattr(quantize, attr, None)
+            if fn is not None:
+                self.gemm_originals[attr] = fn
+                setattr(quantize, attr, self._wrap(attr, fn, f"{LABEL}gemm::{attr}"))
 
     def remove(self):
         for h in self.handles:
             h.remove()
         from fastencdec import ops
+        from fastencdec.models import quantize
 
         for op, fn in self.originals.items():
             setattr(ops, op, fn)
+        for attr, fn in self.gemm_originals.items():
+            setattr(quantize, attr, fn)
 
     def _enter(self, label):
         def hook(_module, _args):
@@ -94,8 +108,8 @@ class Attribution:
     def _exit(self, _module, _args, _out):
         self.stack.pop().__exit__(None, None, None)
 
-    def _wrap(self, op, fn):
-        label = f"{LABEL}op::{op}"
+    def _wrap(self, op, fn, label=None):
+        label = label or f"{LABEL}op::{op}"
 
         def wrapped(*args, **kwargs):
             self.calls[op] += 1
@@ -144,7 +158,9 @@ def classify(event, kinds: dict, vocab: int, encdec: bool) -> str | None:
         if name.startswith(f"{LABEL}mod::") and module_label is None:
             module_label = name
     name = event.name
-    if op_label is not None or name.startswith("fastencdec::") or "attention" in name:
+    if name.startswith(f"{LABEL}gemm::"):
+        name = "gemm"  # a C++ GEMM: charged like a matmul op to its module
+    elif op_label is not None or name.startswith("fastencdec::") or "attention" in name:
         return "attention ops"
     kind = kinds.get(module_label, "other") if module_label else "none"
     qual = module_label[len(f"{LABEL}mod::"):] if module_label else ""

@@ -7,6 +7,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -42,5 +43,26 @@ inline void expect_dim(const py::array& a, const char* name, int dim, py::ssize_
                           std::to_string(a.shape(dim)) + ", expected " + std::to_string(expected) +
                           " (shape " + shape_str(a) + ")");
 }
+
+inline void expect_shape(const py::array& a, const char* name,
+                         std::initializer_list<py::ssize_t> dims) {
+  int i = 0;
+  for (py::ssize_t d : dims) expect_dim(a, name, i++, d);
+}
+
+// An optional argument must already be a numpy array: a converted temporary would
+// be freed while the kernel still reads it.
+inline py::array as_array(const py::object& o, const char* name) {
+  if (!py::isinstance<py::array>(o))
+    throw py::type_error(std::string(name) + ": expected a numpy array or None");
+  return py::reinterpret_borrow<py::array>(o);
+}
+
+inline void check_threads(int num_threads) {
+  if (num_threads < 1) throw py::value_error("num_threads must be >= 1");
+}
+
+// Defined in bindings_int8.cpp.
+void register_int8_linear(py::module_& m);
 
 }  // namespace fastencdec::bind

@@ -17,11 +17,12 @@
 
 namespace py = pybind11;
 using fastencdec::bind::checked_data;
+using fastencdec::bind::as_array;
+using fastencdec::bind::check_threads;
 using fastencdec::bind::expect_dim;
+using fastencdec::bind::expect_shape;
 using fastencdec::cpu::AttentionProblem;
 using fastencdec::cpu::RmsNormProblem;
-using fastencdec::cpu::RescaleRowsProblem;
-using fastencdec::cpu::ScaleRowsProblem;
 using fastencdec::cpu::AppendKvCacheProblem;
 using fastencdec::cpu::Storage;
 
@@ -38,10 +39,6 @@ void append_kv_cache_impl(const AppendKvCacheProblem& p) { FED_DISPATCH(append_k
 
 void rms_norm_impl(const RmsNormProblem& p) { FED_DISPATCH(rms_norm, p); }
 
-void scale_rows_impl(const ScaleRowsProblem& p) { FED_DISPATCH(scale_rows, p); }
-
-void rescale_rows_impl(const RescaleRowsProblem& p) { FED_DISPATCH(rescale_rows, p); }
-
 std::vector<double> rope_inv_freq(double base, int64_t head_dim) {
   if (!(base > 0.0) || !std::isfinite(base))
     throw py::value_error("rope base must be a finite positive number");
@@ -49,10 +46,6 @@ std::vector<double> rope_inv_freq(double base, int64_t head_dim) {
   for (int64_t i = 0; i < head_dim / 2; ++i)
     inv_freq[i] = std::pow(base, -static_cast<double>(2 * i) / static_cast<double>(head_dim));
   return inv_freq;
-}
-
-void check_threads(int num_threads) {
-  if (num_threads < 1) throw py::value_error("num_threads must be >= 1");
 }
 
 void check_rope_dim(int64_t head_dim) {
@@ -94,11 +87,6 @@ void* storage_data(py::array& a, Storage st, const char* name, bool writable) {
   return checked_data<uint16_t>(a, name, 4, writable);
 }
 
-void expect_shape(const py::array& a, const char* name, std::initializer_list<py::ssize_t> dims) {
-  int i = 0;
-  for (py::ssize_t d : dims) expect_dim(a, name, i++, d);
-}
-
 // q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D], out like q; fills the shape fields.
 void attention_arrays(AttentionProblem& p, py::array& q, py::array& k, py::array& v,
                       py::array& out, const char* k_name, const char* v_name) {
@@ -120,14 +108,6 @@ void attention_arrays(AttentionProblem& p, py::array& q, py::array& k, py::array
     throw py::value_error("q has " + std::to_string(p.q_heads) + " heads and " + k_name + " has " +
                           std::to_string(p.kv_heads) +
                           ": n_heads must be a positive multiple of n_kv_heads");
-}
-
-// An optional argument must already be a numpy array: a converted temporary would
-// be freed while the kernel still reads it.
-py::array as_array(const py::object& o, const char* name) {
-  if (!py::isinstance<py::array>(o))
-    throw py::type_error(std::string(name) + ": expected a numpy array or None");
-  return py::reinterpret_borrow<py::array>(o);
 }
 
 void set_key_mask(AttentionProblem& p, const py::object& mask) {
@@ -299,43 +279,6 @@ void rms_norm(py::array x, py::array weight, py::array out, double eps,
   rms_norm_impl(p);
 }
 
-void scale_rows(py::array x, py::array xs, py::array r, int num_threads) {
-  ScaleRowsProblem p;
-  p.x = checked_data<float>(x, "x", 2, false);
-  p.xs = checked_data<float>(xs, "xs", 2, true);
-  p.r = checked_data<float>(r, "r", 1, true);
-  p.rows = x.shape(0);
-  p.dim = x.shape(1);
-  if (p.dim < 2) throw py::value_error("scale_rows: x needs at least 2 columns");
-  expect_shape(xs, "xs", {p.rows + 1, p.dim});
-  expect_dim(r, "r", 0, p.rows);
-  check_threads(num_threads);
-  p.num_threads = num_threads;
-  fastencdec::cpu::active_isa();
-  py::gil_scoped_release release;
-  scale_rows_impl(p);
-}
-
-void rescale_rows(py::array y, py::array r, py::object bias, bool gelu, int num_threads) {
-  RescaleRowsProblem p;
-  p.y = checked_data<float>(y, "y", 2, true);
-  p.r = checked_data<float>(r, "r", 1, false);
-  p.rows = y.shape(0);
-  p.dim = y.shape(1);
-  expect_dim(r, "r", 0, p.rows);
-  if (!bias.is_none()) {
-    py::array b = as_array(bias, "bias");
-    p.bias = checked_data<float>(b, "bias", 1, false);
-    expect_dim(b, "bias", 0, p.dim);
-  }
-  p.gelu = gelu;
-  check_threads(num_threads);
-  p.num_threads = num_threads;
-  fastencdec::cpu::active_isa();
-  py::gil_scoped_release release;
-  rescale_rows_impl(p);
-}
-
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -371,16 +314,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("storage"), py::arg("num_threads"),
         "RMSNorm of x [rows, dim] (storage dtype) with fp32 weight [dim] into out (same "
         "shape and storage), computed in fp32.");
-  m.def("scale_rows", &scale_rows, py::arg("x"), py::arg("xs"), py::arg("r"),
-        py::arg("num_threads"),
-        "Int8 linear row preparation: r[m] = max |x[m]| (NaN for a non-finite row), "
-        "xs[m] = x[m] / r[m] (0 where r is 0 or not finite), xs[M] = [-1, 1, 0, ...].");
-  m.def("rescale_rows", &rescale_rows, py::arg("y"), py::arg("r"), py::arg("bias"),
-        py::arg("gelu"), py::arg("num_threads"),
-        "In place on fp32 y [M, N]: y = act(y * r[:, None] + bias), act GELU-tanh when gelu.");
+  fastencdec::bind::register_int8_linear(m);
   m.def("active_isa", [] { return std::string(fastencdec::cpu::isa_name(fastencdec::cpu::active_isa())); },
         "ISA the kernels run with (honours FASTENCDEC_CPU_ISA).");
-  m.def("reset_isa", &fastencdec::cpu::reset_isa, "Re-read FASTENCDEC_CPU_ISA.");
+  m.def("reset_isa", &fastencdec::cpu::reset_isa,
+        "Re-read FASTENCDEC_CPU_ISA (and FASTENCDEC_CPU_VNNI).");
+  m.def("int8_vnni", &fastencdec::cpu::use_vnni,
+        "Whether the int8 kernels use AVX512-VNNI (off with FASTENCDEC_CPU_VNNI=0).");
   m.def("compiled_isas", [] { return std::string(fastencdec::cpu::compiled_isas()); });
   m.def("cpu_supports", [](const std::string& name) {
     for (auto isa : {fastencdec::cpu::Isa::kScalar, fastencdec::cpu::Isa::kAvx2,

@@ -103,33 +103,82 @@ def test_int8_linear_matches_float(k, n, bias, seed):
         assert act < 1.5e-2, f"activation rounding rel err {act:.2e} for x {shape}"
 
 
-@pytest.mark.parametrize("gelu", [False, True])
-@pytest.mark.parametrize("k,m", [(1, 3), (24, 5), (96, 700)])
-def test_int8_linear_eager_fallback_equals_the_cpp_passes(k, m, gelu, seed, monkeypatch):
-    # Without the C++ row passes (a build without the extension's helpers, or one input
-    # feature) Int8Linear prepares the rows in eager ops: the same grid, the same GEMM.
-    import fastencdec.models.quantize as quantize_module
+def _int8_paths() -> list[str]:
+    try:
+        from conftest import RUNNABLE_ISAS, _CPP
+    except ImportError:  # pragma: no cover
+        return []
+    paths = list(RUNNABLE_ISAS)
+    if "avx512" in paths and _CPP is not None and _CPP.int8_vnni():
+        paths.append("avx512-no-vnni")  # the plain AVX-512 path of VNNI machines
+    return paths
 
+
+@pytest.fixture(params=_int8_paths() or [None])
+def int8_path(request, monkeypatch):
+    """Each int8 kernel this CPU runs: one per ISA, and AVX-512 without VNNI."""
+    from fastencdec import _C
+
+    if request.param is None:
+        pytest.skip("fastencdec._C is not built")
+    isa, _, no_vnni = request.param.partition("-")
+    monkeypatch.setenv("FASTENCDEC_CPU_ISA", isa)
+    monkeypatch.setenv("FASTENCDEC_CPU_VNNI", "0" if no_vnni else "1")
+    _C.reset_isa()
+    assert _C.active_isa() == isa and not (no_vnni and _C.int8_vnni())
+    yield request.param
+    monkeypatch.delenv("FASTENCDEC_CPU_ISA", raising=False)
+    monkeypatch.delenv("FASTENCDEC_CPU_VNNI", raising=False)
+    _C.reset_isa()
+
+
+# K=1, K not a multiple of 4 or 64, N not a multiple of 16 or 32, one row, rows above
+# the 8-row tile, and a batch spanning several L2 blocks of rows (3000 x 96).
+KERNEL_SHAPES = [(1, 3, 1), (5, 7, 33), (2, 24, 40), (9, 130, 17), (3000, 96, 50),
+                 (17, 1000, 70)]
+
+
+@pytest.mark.parametrize("m,k,n", KERNEL_SHAPES)
+def test_int8_kernel_sums_exactly(int8_path, m, k, n, seed):
+    """Without bias and activation the kernel's result is one rounding of an exact
+    int32 sum times the two scales: bitwise the eager reference's."""
     gen = torch.Generator().manual_seed(seed)
-    q = Int8Linear.from_float(float_linear(k, 40, True, gen))
+    q = Int8Linear.from_float(float_linear(k, n, False, gen))
+    x = torch.randn(m, k, generator=gen) * torch.logspace(-3, 3, m)[:, None]
+    x[0] = 0.0
+    assert torch.equal(q(x), q.forward_eager(x)), int8_path
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("m,k,n", KERNEL_SHAPES[:3] + KERNEL_SHAPES[-1:])
+def test_int8_kernel_epilogue_matches_eager(int8_path, m, k, n, gelu, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = Int8Linear.from_float(float_linear(k, n, True, gen))
     q.activation = "gelu_tanh" if gelu else None
     x = torch.randn(2, m, k, generator=gen)
-    x[0, 1] = 0.0  # a zero row comes back as the bias (GELU'd)
-    fast = q(x)
-    monkeypatch.setattr(quantize_module, "_scale_rows", None)
-    monkeypatch.setattr(quantize_module, "_rescale_rows", None)
-    eager = q(x)
-    assert torch.allclose(fast, eager, rtol=1e-5, atol=1e-6)
+    x[0, 0] = 0.0  # a zero row comes back as the bias (GELU'd)
+    y = q(x)
+    torch.testing.assert_close(y, q.forward_eager(x.view(-1, k)).view(2, m, n),
+                               rtol=1e-5, atol=1e-6)
     want = q.bias if not gelu else F.gelu(q.bias, approximate="tanh")
-    assert torch.allclose(eager[0, 1], want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(y[0, 0], want, rtol=1e-5, atol=1e-6)
 
 
-# Int8Linear prepares small and large inputs differently (fewest ops / fewest
-# temporaries): 3 rows take the first way, 700 x 96 values the second.
+def test_int8_packed_layout_round_trips(seed):
+    gen = torch.Generator().manual_seed(seed)
+    for k, n in [(1, 1), (5, 33), (64, 16), (130, 17)]:
+        w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+        scale = torch.rand(n, generator=gen) + 0.01
+        q = Int8Linear(k, n, bias=False)
+        q.pack(weight=w, weight_scale=scale)
+        plain = q.unpacked()
+        assert torch.equal(plain["weight"], w) and torch.equal(plain["weight_scale"], scale)
+
+
 @pytest.mark.parametrize("m", [3, 700])
 def test_int8_linear_rows_are_independent(m, seed):
     """A row's relative error does not depend on the other rows' magnitudes, and a
-    row's result is bitwise the same in any batch of its path and on any thread count."""
+    row's result is bitwise the same in any batch and on any thread count."""
     gen = torch.Generator().manual_seed(seed)
     lin = float_linear(96, 40, True, gen)
     q = Int8Linear.from_float(lin)

@@ -97,6 +97,26 @@ Isa active_isa() {
   return static_cast<Isa>(v);
 }
 
-void reset_isa() { g_isa.store(-1); }
+static std::atomic<int> g_vnni{-1};
+
+bool use_vnni() {
+  int v = g_vnni.load();
+  if (v < 0) {
+#if defined(__x86_64__) || defined(_M_X64)
+    const char* env = std::getenv("FASTENCDEC_CPU_VNNI");
+    v = active_isa() == Isa::kAvx512 && __builtin_cpu_supports("avx512vnni") &&
+        !(env != nullptr && std::string(env) == "0");
+#else
+    v = 0;
+#endif
+    g_vnni.store(v);
+  }
+  return v != 0;
+}
+
+void reset_isa() {
+  g_isa.store(-1);
+  g_vnni.store(-1);
+}
 
 }  // namespace fastencdec::cpu

@@ -22,4 +22,9 @@ void reset_isa();
 
 bool cpu_supports(Isa isa);
 
+// Whether the int8 kernels use AVX512-VNNI: the active ISA is avx512, the CPU has
+// VNNI, and FASTENCDEC_CPU_VNNI is not "0" (tests run the plain AVX-512 path that way).
+// Re-read by reset_isa() like the ISA.
+bool use_vnni();
+
 }  // namespace fastencdec::cpu

@@ -67,25 +67,25 @@ struct RmsNormProblem {
   int num_threads = 1;
 };
 
-// Rows of x [rows, dim] fp32 scaled to max |x| = 1 into xs [rows + 1, dim] (0 for a
-// row whose max is 0, NaN or Inf; r gets the max, NaN for a non-finite row), and an
-// anchor row [-1, 1, 0...] appended (see kernels/scale_rows.cpp). dim >= 2.
-struct ScaleRowsProblem {
+// The int8 linear layer (kernels/int8_linear.cpp): out [rows, out_features] fp32 =
+//   act(acc[m, n] * (s[m] * weight_scale[n]) + bias[n]),  acc = sum_k xq[m, k] * w[n, k]
+// where each row of x [rows, in_features] fp32 is quantised on its own symmetric grid:
+// s[m] = max |x[m, :]| / 127 (0 for a zero row, NaN for a row holding NaN/Inf) and
+// xq = round_half_even(x * 127 / max) in [-127, 127]; acc is an exact int32 sum.
+// weight: int8 [ceil(N / 16), ceil(K / 4), 16, 4] panels, weight[p, q, c, r] =
+// W[16 p + c, 4 q + r] (zero padded): one panel of 16 output columns is read front to
+// back, 64 bytes per 4 k. row_sums [16 ceil(N / 16)]: sum_k of each packed row.
+// in_features <= kInt8MaxK keeps every int32 partial sum exact.
+constexpr int64_t kInt8MaxK = 65536;
+struct Int8LinearProblem {
   const float* x = nullptr;
-  float* xs = nullptr;
-  float* r = nullptr;
-  int64_t rows = 0, dim = 0;
-  int num_threads = 1;
-};
-
-// The int8 linear layer's epilogue, in place on y [rows, dim] fp32:
-//   y[m, n] = act(y[m, n] * r[m] + bias[n])   (bias optional; act: identity or GELU-tanh)
-struct RescaleRowsProblem {
-  float* y = nullptr;
-  const float* r = nullptr;
-  const float* bias = nullptr;
-  int64_t rows = 0, dim = 0;
-  bool gelu = false;
+  const int8_t* weight = nullptr;
+  const int32_t* row_sums = nullptr;      // [16 * ceil(out_features / 16)]
+  const float* weight_scale = nullptr;    // [out_features]
+  const float* bias = nullptr;            // [out_features] or null
+  float* out = nullptr;
+  int64_t rows = 0, in_features = 0, out_features = 0;
+  bool gelu = false;  // GELU-tanh after the bias
   int num_threads = 1;
 };
 
@@ -104,10 +104,8 @@ struct RescaleRowsProblem {
   void append_kv_cache(const AppendKvCacheProblem& problem);                                  \
   /* RMSNorm over the last dimension (RmsNormProblem). */                                \
   void rms_norm(const RmsNormProblem& problem);                                          \
-  /* Row scaling for the int8 linear layer (ScaleRowsProblem). */                        \
-  void scale_rows(const ScaleRowsProblem& problem);                                      \
-  /* Its epilogue: rescale, bias, optional GELU (RescaleRowsProblem). */                 \
-  void rescale_rows(const RescaleRowsProblem& problem);                                  \
+  /* The int8 linear layer: row quantisation, GEMM/GEMV and epilogue in one call. */  \
+  void int8_linear(const Int8LinearProblem& problem);                                    \
   }
 
 FED_DECLARE_KERNELS(scalar)

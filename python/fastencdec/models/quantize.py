@@ -12,13 +12,14 @@ inference (eval mode, no gradients) and returns it:
 ``int8``  every ``nn.Linear`` (the LM head too, its own copy; the embedding stays fp32
           for the lookup) becomes an :class:`Int8Linear`: int8 weights, symmetric per
           output channel (``scale[n] = max_k |w[n, k]| / 127``, zero point 0), held
-          only in fbgemm's packed layout; fp32 scales and bias. Activations fp32 in and
-          out; each row is quantised to uint8 on the fly (see :class:`Int8Linear`).
+          only in the C++ kernel's packed layout; fp32 scales and bias. Activations fp32
+          in and out; each row is quantised to int8 on the fly (see :class:`Int8Linear`).
 
-In every format RMSNorm weights stay fp32 and the norm computes in fp32. The library
-paths were chosen by measurement (``bench/bench_linear_cpu.py``): per format the
-fastest path PyTorch ships, at decode (M = 1-8 rows) and encoder (M = 512) sizes, whose
-error stays within the format's own rounding. A packed weight is the only copy (no
+In every format RMSNorm weights stay fp32 and the norm computes in fp32. The paths were
+chosen by measurement (``bench/bench_linear_cpu.py``) at decode (M = 1-8 rows) and
+encoder (M = 512) sizes: bf16 and fp32 run the fastest path PyTorch ships (oneDNN,
+MKL); int8 runs fastencdec's own kernel, which beats PyTorch's int8 paths at both
+sizes (see :class:`Int8Linear`). A packed weight is the only copy (no
 plain weight is kept beside it): ``state_dict()`` unpacks it, loading packs it.
 
 ``save_inference(model, dir)`` writes ``model.safetensors`` (int8 weights + scales for
@@ -51,11 +52,11 @@ from .pretrained import (
 
 FORMATS = ("fp32", "bf16", "int8")
 
-try:  # Int8Linear's fused row preparation and epilogue (torch-only paths remain without)
-    from fastencdec._C import rescale_rows as _rescale_rows
-    from fastencdec._C import scale_rows as _scale_rows
+try:  # Int8Linear's kernel
+    from fastencdec._C import int8_linear as _int8_linear
 except ImportError:  # pragma: no cover - the compiled module is part of the package
-    _scale_rows = _rescale_rows = None
+    _int8_linear = None
+INT8_MAX_IN_FEATURES = 65536  # int32 sums stay exact (and the kernel's u8 offset fits)
 FORMAT_KEY = "fastencdec_weight_format"  # safetensors metadata: the format
 TIED_KEY = "fastencdec_tied"  # safetensors metadata: JSON {alias: stored name}
 
@@ -180,40 +181,28 @@ class _PackedLinear(nn.Module):
                 f"bias={self.bias is not None}")
 
 
-def _quantized_weight_tensor(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """A per-channel qint8 tensor over ``q``: the form fbgemm's linear ops take (quantized
-    tensors are slated for deprecation in PyTorch; the ops are what is used here)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch._make_per_channel_quantized_tensor(
-            q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
-
-
 class Int8Linear(_PackedLinear):
     """``y = x @ (q * weight_scale[:, None]).T + bias`` with int8 ``q`` per output channel.
 
-    State: ``weight`` int8 ``[N, K]`` and ``weight_scale`` fp32 ``[N]`` (both held in
-    fbgemm's packed weight), ``bias`` fp32 ``[N]`` or None. Input and output fp32, any
-    leading dims.
+    State: ``weight`` int8 ``[N, K]`` and ``weight_scale`` fp32 ``[N]`` (both held only
+    in the kernel's packed layout), ``bias`` fp32 ``[N]`` or None. Input and output
+    fp32, any leading dims.
 
-    Each row of ``x`` is rounded to uint8 on its own symmetric grid (step
-    ``max |x_row| / 127.5``) and fbgemm's AVX512-VNNI/AVX2 GEMM multiplies the uint8
-    activations by the int8 weights with int32 accumulation
-    (``quantized.linear_dynamic``). Measured (``bench/bench_linear_cpu.py``): the
-    fastest int8 path PyTorch ships at decode sizes (M = 1-8: ~75-85% of copy bandwidth
-    on the MLP and LM head GEMVs; the weight-only ``_weight_int8pack_mm`` is 2-3x
-    slower there, ``_int_mm`` and oneDNN's int8 paths 1.5-2x), and within ~20% of the
-    fastest at M = 512 (oneDNN's engine, which keeps a second copy of the weights).
+    Each row of ``x`` is quantised on its own symmetric grid (``s = max |x_row| / 127``,
+    round half to even), multiplied by the int8 weights with exact int32 sums, and
+    ``y = sum * s * weight_scale[n] + bias[n]`` (then GELU-tanh when ``activation`` is
+    "gelu_tanh": an MLP's first layer takes over the activation). One C++ call does it
+    all (``_C.int8_linear``: AVX512-VNNI, AVX-512/AVX2 or NEON, chosen at run time), for
+    decoding (weight streaming) and for the encoder (a blocked GEMM) alike. Since the
+    sums are exact, a row's result is bitwise the same alone or in any batch and on any
+    thread count; a zero row gives the bias, a row holding NaN/Inf gives NaN.
 
-    That op quantises per tensor, so the rows are first scaled to max |x| = 1 and one
-    anchor row spanning [-1, 1] is appended: the tensor's range is then always
-    [-1, 1], every row gets the same fixed grid whatever the other rows hold, and the
-    results are scaled back. So a row's result is bitwise the same alone or in any
-    batch and on any thread count, and a NaN/Inf row gives NaN (fbgemm alone would
-    return finite garbage for it, and spread an Inf to the other rows). The price is
-    a few elementwise passes over ``x`` and ~10 small eager ops per call (tens of
-    microseconds at M = 1: 2-3x the bare GEMV time of the small attention projections,
-    ~1.1-1.3x for the MLP and LM head); a fused kernel would remove it.
+    Why our own kernel and not PyTorch's int8 linear paths (``bench/bench_linear_cpu.py``
+    and ``bench/README.md``): fbgemm's dynamic linear quantises per tensor (rows would
+    depend on each other) and costs ~100 us of fixed work per call at M = 1; the
+    weights here are packed in panels of 16 output columns read front to back (64 bytes
+    per 4 k), which streams at the machine's read bandwidth, and the row quantisation
+    and epilogue fuse into the same pass.
     """
 
     packed_dtypes = {"weight": torch.int8, "weight_scale": torch.float32}
@@ -221,7 +210,6 @@ class Int8Linear(_PackedLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
         super().__init__(in_features, out_features, device)
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
-        self._anchor = None  # built with the pack, on the CPU
         # "gelu_tanh": the GELU that follows (an MLP's fc1) runs in the epilogue
         self.activation: str | None = None
 
@@ -237,15 +225,27 @@ class Int8Linear(_PackedLinear):
     def _pack(self, weight, weight_scale):
         if not bool((weight_scale > 0).all()) or not bool(torch.isfinite(weight_scale).all()):
             raise ValueError("Int8Linear: weight_scale must be finite and > 0")
-        anchor = torch.zeros(1 if self.in_features > 1 else 2, self.in_features)
-        anchor.view(-1)[:2] = torch.tensor([-1.0, 1.0])  # rows spanning exactly [-1, 1]
-        self._anchor = anchor
-        return torch.ops.quantized.linear_prepack(_quantized_weight_tensor(weight, weight_scale),
-                                                  None)
+        if self.in_features > INT8_MAX_IN_FEATURES:
+            raise ValueError(f"Int8Linear: in_features {self.in_features} is above "
+                             f"{INT8_MAX_IN_FEATURES} (the int32 sums would overflow)")
+        n, k = weight.shape
+        n_pad, k_pad = -(-n // 16) * 16, -(-k // 4) * 4
+        plain = torch.zeros(n_pad, k_pad, dtype=torch.int8)
+        plain[:n, :k] = weight
+        # panels[p, q, c, r] = W[16 p + c, 4 q + r]: 16 output columns, 4 k per 64 bytes
+        panels = plain.view(n_pad // 16, 16, k_pad // 4, 4).permute(0, 2, 1, 3).contiguous()
+        row_sums = plain.sum(1, dtype=torch.int32)
+        scale = weight_scale.clone()
+        return {"panels": panels, "row_sums": row_sums, "weight_scale": scale,
+                # numpy views for the C++ call (the tensors above own the memory)
+                "args": (panels.numpy(), row_sums.numpy(), scale.numpy())}
 
     def _unpack(self):
-        q = torch.ops.quantized.linear_unpack(self._packed)[0]
-        return {"weight": q.int_repr(), "weight_scale": q.q_per_channel_scales().float()}
+        panels = self._packed["panels"]
+        n, k = self.out_features, self.in_features
+        plain = panels.permute(0, 2, 1, 3).reshape(panels.shape[0] * 16, panels.shape[1] * 4)
+        return {"weight": plain[:n, :k].clone(),
+                "weight_scale": self._packed["weight_scale"].clone()}
 
     @property
     def weight_scale(self) -> torch.Tensor:
@@ -260,49 +260,36 @@ class Int8Linear(_PackedLinear):
         if (x.dtype is not torch.float32 or not x.is_cpu or x.dim() == 0 or x.shape[-1] != k
                 or self._packed is None):
             self._check_input(x, torch.float32)  # raises, naming what is wrong
-        x2 = x.reshape(-1, k)
-        m = x2.shape[0]
-        if m and k >= 2 and _scale_rows is not None and _rescale_rows is not None:
-            # The common case, written out (61 calls per generated mu-330m token):
-            # rows scaled into xs (+ the anchor row), the GEMM, y * r + bias (+ GELU).
-            if not x2.is_contiguous():
-                x2 = x2.contiguous()
-            threads = torch.get_num_threads()
-            xs = torch.empty(m + 1, k)
-            r = torch.empty(m)
-            _scale_rows(x2.numpy(), xs.numpy(), r.numpy(), threads)
-            y = torch.ops.quantized.linear_dynamic(xs, self._packed, False)[:m]
-            bias = self.bias
-            _rescale_rows(y.numpy(), r.numpy(), None if bias is None else bias.numpy(),
-                          self.activation == "gelu_tanh", threads)
-            return y.view(*x.shape[:-1], self.out_features)
-        if m == 0:
-            return x.new_zeros(*x.shape[:-1], self.out_features)
-        # Without the C++ passes (or for a single input feature), in eager ops: x / r lies
-        # in [-1, 1]; rows with r = 0, NaN or Inf are zeroed so that they cannot disturb
-        # the GEMM, and come back as bias (r = 0) or NaN (r NaN or Inf).
-        if x2.numel() <= 1 << 16:  # decoding: fewest ops (each costs microseconds)
-            r = x2.abs().amax(1, keepdim=True)
-            xs = torch.cat([torch.div(x2, r).nan_to_num_(0.0, 0.0, 0.0), self._anchor])
-        else:  # no [M, K] temporaries beyond xs: large ones cost page faults per call
-            r = torch.maximum(x2.amax(1, keepdim=True), x2.amin(1, keepdim=True).neg_())
-            xs = x2.new_empty(m + self._anchor.shape[0], self.in_features)
-            torch.div(x2, r, out=xs[:m]).nan_to_num_(0.0, 0.0, 0.0)
-            xs[m:] = self._anchor
-        y = torch.ops.quantized.linear_dynamic(xs, self._packed, False)[:m]
+        x2 = x.detach().reshape(-1, k)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        y = torch.empty(x2.shape[0], self.out_features)
         gelu = self.activation == "gelu_tanh"
-        if _rescale_rows is not None:  # y * r + bias (+ GELU) in one pass, in place
-            _rescale_rows(y.numpy(), r.view(m).numpy(),
-                          None if self.bias is None else self.bias.numpy(), gelu,
-                          torch.get_num_threads())
-        else:
-            y = y.mul_(r) if self.bias is None else torch.addcmul(self.bias, y, r)
-            if gelu:
-                y = F.gelu(y, approximate="tanh")
+        if _int8_linear is None:  # pragma: no cover - the compiled module is part of the package
+            y = self.forward_eager(x2)
+        elif x2.shape[0]:
+            bias = self.bias
+            _int8_linear(x2.numpy(), *self._packed["args"],
+                         None if bias is None else bias.numpy(), y.numpy(), gelu,
+                         torch.get_num_threads())
         return y.view(*x.shape[:-1], self.out_features)
 
+    def forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        """The same computation in torch ops (a reference; the kernel is the fast path):
+        ``x`` ``[M, K]`` fp32."""
+        plain = self.unpacked()
+        amax = x.abs().amax(1, keepdim=True)
+        finite = torch.isfinite(x).all(1, keepdim=True)
+        ok = finite & (amax > 0)
+        inv = torch.full_like(amax, 127.0) / amax  # (127.0 / t is 127 * (1 / t): 2 roundings)
+        q = torch.where(ok, torch.round(x * inv), 0.0).clamp_(-127, 127)
+        s = torch.where(finite, amax / 127.0, float("nan"))
+        acc = (q.double() @ plain["weight"].double().t()).float()  # exact: |sums| < 2^31
+        y = acc * (s * plain["weight_scale"]) + (0.0 if self.bias is None else self.bias)
+        return F.gelu(y, approximate="tanh") if self.activation == "gelu_tanh" else y
+
     def extra_repr(self) -> str:
-        return super().extra_repr() + ", weight=int8 per-channel (fbgemm)"
+        return super().extra_repr() + ", weight=int8 per-channel (16-column panels)"
 
 
 def _mkldnn_bf16() -> bool:
