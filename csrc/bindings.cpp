@@ -315,6 +315,7 @@ PYBIND11_MODULE(_C, m) {
         "RMSNorm of x [rows, dim] (storage dtype) with fp32 weight [dim] into out (same "
         "shape and storage), computed in fp32.");
   fastencdec::bind::register_int8_linear(m);
+  fastencdec::bind::register_decoder_step(m);
   m.def("active_isa", [] { return std::string(fastencdec::cpu::isa_name(fastencdec::cpu::active_isa())); },
         "ISA the kernels run with (honours FASTENCDEC_CPU_ISA).");
   m.def("reset_isa", &fastencdec::cpu::reset_isa,

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .. import generation, inputs
+from . import decoder_step
 from .config import EncDecConfig
 from .layers import Block, DecoderBlock, RMSNorm, init_weights
 from .outputs import IGNORE_INDEX, LMOutput, lm_loss
@@ -135,6 +136,11 @@ class EncoderDecoderLM(PretrainedMixin, nn.Module):
         cache.record(x)
         if cache.recomputing:  # dynamic NTK past the trained length: as the reference does
             return self._decode_everything(cache, cross_kv, encoder_mask)
+        plan = decoder_step.step_plan(self)  # int8: the whole step in one C++ call
+        if plan is not None:
+            logits = decoder_step.run(plan, self, x, cache, cross_kv, encoder_mask)
+            if logits is not None:
+                return logits
         for i, block in enumerate(self.decoder):
             cross_k, cross_v = cross_kv[i]
             x = block.step(x, cache, i, cross_k, cross_v, encoder_mask)

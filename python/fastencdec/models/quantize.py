@@ -77,6 +77,13 @@ def quantize_per_channel(weight: torch.Tensor, name: str = "weight"):
     return q, scale
 
 
+_PACK_VERSION = [0]  # bumped on every pack: plans holding packed views rebuild (decoder_step)
+
+
+def pack_version() -> int:
+    return _PACK_VERSION[0]
+
+
 class _PackedLinear(nn.Module):
     """A linear layer whose weights exist only in a library's packed layout.
 
@@ -119,6 +126,7 @@ class _PackedLinear(nn.Module):
                 raise ValueError(f"{type(self).__name__} runs on the CPU; {name} is on "
                                  f"{value.device}")
         self._packed = self._pack(**{k: v.detach().contiguous() for k, v in plain.items()})
+        _PACK_VERSION[0] += 1
 
     def unpacked(self) -> dict[str, torch.Tensor]:
         if self._packed is None:  # built empty (e.g. on meta to be loaded), never packed

@@ -1,0 +1,120 @@
+"""The int8 encoder-decoder decode step in one C++ call (``_C.Int8DecoderStep``).
+
+Called module by module from Python, a batch-1 mu-330m int8 decode step spent ~40% of
+its time between the kernels (module calls, op wrappers, views). For a model converted
+by ``to_inference(model, "int8")`` (fused QKV, GELU in fc1's epilogue) the whole
+decoder -- norms, projections, RoPE + cache append, cache attention, cross-attention,
+MLP, residuals, final norm and LM head -- runs as one call to the same kernels in the
+same order, so the logits equal the module path's bitwise (tested).
+
+``step_plan(model)`` returns the plan, or None when the model is not such a model; the
+plan is rebuilt when any int8 weight is packed again (``pack``/``load_state_dict``)
+and holds views of the norm weights and biases (in-place updates are seen).
+``EncoderDecoderLM.decode_step`` uses it for one-token steps of fp32 activations;
+everything else (training mode, several tokens per step, dynamic-NTK recomputation)
+takes the module path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import quantize
+from .layers import GeluMLP, RMSNorm
+
+try:
+    from fastencdec._C import Int8DecoderStep
+except ImportError:  # pragma: no cover - the compiled module is part of the package
+    Int8DecoderStep = None
+
+
+def _linear(module) -> tuple | None:
+    if not isinstance(module, quantize.Int8Linear) or module._packed is None:
+        return None
+    panels, row_sums, scale = module._packed["args"]
+    bias = module.bias
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        return None
+    return panels, row_sums, scale, None if bias is None else bias.detach().numpy()
+
+
+def _norm(module, eps: float):
+    if not isinstance(module, RMSNorm) or module.eps != eps:
+        return None
+    w = module.weight
+    if w.dtype != torch.float32 or not w.is_contiguous() or w.device.type != "cpu":
+        return None
+    return w.detach().numpy()
+
+
+def _build(model):
+    """The C++ step for ``model``, or None when its structure does not fit."""
+    config = model.config
+    eps = config.norm_eps
+    layers = []
+    for block in model.decoder:
+        attn, cross, mlp = block.self_attn, block.cross_attn, block.mlp
+        qkv = attn._modules.get("qkv_proj")
+        if not isinstance(mlp, GeluMLP) or getattr(mlp.fc1, "activation", None) != "gelu_tanh":
+            return None
+        parts = (_norm(block.norm1, eps), _linear(qkv), _linear(attn.out_proj),
+                 _norm(block.norm2, eps), _linear(cross.q_proj), _linear(cross.out_proj),
+                 _norm(block.norm3, eps), _linear(mlp.fc1), _linear(mlp.fc2))
+        if any(p is None for p in parts):
+            return None
+        layers.append(parts)
+    final, head = _norm(model.decoder_norm, eps), _linear(model.lm_head)
+    if final is None or head is None or not layers:
+        return None
+    return Int8DecoderStep(config.d_model, config.n_heads, config.n_kv_heads, config.head_dim,
+                           eps, layers, final, head)
+
+
+def step_plan(model):
+    """The cached C++ step of an int8 encoder-decoder ``model`` (None if it has none)."""
+    if Int8DecoderStep is None:
+        return None
+    version = quantize.pack_version()
+    cached = model.__dict__.get("_int8_step")
+    if cached is None or cached[0] != version:
+        cached = (version, _build(model) if quantize.weight_format(model) == "int8" else None)
+        model.__dict__["_int8_step"] = cached
+    return cached[1]
+
+
+def _cross_views(cross_kv):
+    """numpy views of the per-layer cross K/V, or None when one is not dense fp32."""
+    ks, vs = [], []
+    for k, v in cross_kv:
+        if k.dtype != torch.float32 or not (k.is_contiguous() and v.is_contiguous()):
+            return None
+        ks.append(k.detach().numpy())
+        vs.append(v.detach().numpy())
+    return ks, vs
+
+
+def run(plan, model, x: torch.Tensor, cache, cross_kv, encoder_mask) -> torch.Tensor | None:
+    """Logits ``[R, vocab]`` of one step (``x``: the step's embeddings ``[R, 1, d]``, a
+    fresh tensor that the step overwrites), or None when this step's inputs need the
+    module path."""
+    if (model.training or x.dtype != torch.float32 or x.shape[1] != 1
+            or not x.is_contiguous() or cache.k.dtype != torch.float32
+            or not cache.k.is_contiguous()
+            or (encoder_mask is not None and encoder_mask.dtype != torch.bool)):
+        return None
+    views = _cross_views(cross_kv)
+    if views is None:
+        return None
+    rope = model.decoder[0].self_attn.rope
+    head_dim = model.config.head_dim
+    if rope.needs_positions_max():  # dynamic NTK: the base at this step's length
+        base = rope.base(head_dim, int(cache.lens.max()) + 1)
+    else:
+        base = rope.base(head_dim)
+    rows = x.shape[0]
+    logits = torch.empty(rows, model.config.vocab_size)
+    plan.step(x.detach().view(rows, -1).numpy(), cache.k.numpy(), cache.v.numpy(),
+              cache.lens.numpy(), cache.lens_after.numpy(), cache.key_mask.numpy(), *views,
+              None if encoder_mask is None else encoder_mask.contiguous().numpy(),
+              float(base), logits.numpy(), torch.get_num_threads())
+    return logits

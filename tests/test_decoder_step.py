@@ -1,0 +1,99 @@
+"""The int8 decode step in one C++ call (models/decoder_step.py) against the module path:
+the same kernels in the same order, so every step's logits must be bitwise equal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _helpers import randomize
+from fastencdec import EncDecConfig, EncoderDecoderLM
+from fastencdec.models import decoder_step
+from fastencdec.models.quantize import Int8Linear, to_inference
+
+pytest.importorskip("fastencdec._C")
+
+TINY = EncDecConfig.preset("tiny")
+
+
+def _logits_per_step(model, monkeypatch, fast: bool, **kwargs):
+    """Each decode step's logits, with the C++ step on or off."""
+    seen = []
+    original = EncoderDecoderLM.decode_step
+
+    def recording(self, *args, **kw):
+        out = original(self, *args, **kw)
+        seen.append(out.clone())
+        return out
+
+    with monkeypatch.context() as m:
+        m.setattr(EncoderDecoderLM, "decode_step", recording)
+        if not fast:
+            m.setattr(decoder_step, "step_plan", lambda model: None)
+        tokens = model.generate(**kwargs)
+    return tokens, seen
+
+
+CASES = [
+    dict(),                                           # GQA 4/2, biases, 1 decoder layer
+    dict(n_decoder_layers=3, attn_bias=False),
+    dict(n_heads=2, n_kv_heads=2, n_decoder_layers=2, d_ff=72),
+]
+
+
+@pytest.fixture(params=[1, 2])
+def threads(request):
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_cpp_step_equals_the_module_path(case, threads, seed, monkeypatch):
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = to_inference(randomize(EncoderDecoderLM(TINY.replace(**CASES[case]))), "int8")
+    assert decoder_step.step_plan(model) is not None
+    x = torch.randint(3, TINY.vocab_size, (3, 19), generator=gen)
+    mask = torch.ones_like(x, dtype=torch.bool)
+    mask[1, 11:] = False  # padding: the encoder mask reaches the cross-attention
+    mask[2, :4] = False
+    # sampling draws different tokens per row (pad included: the cache's key mask)
+    kwargs = dict(input_ids=x, attention_mask=mask, max_new_tokens=9, eos_token_id=(),
+                  do_sample=True, temperature=1.5, num_return_sequences=2)
+    fast_tokens, fast = _logits_per_step(
+        model, monkeypatch, True, generator=torch.Generator().manual_seed(seed), **kwargs)
+    slow_tokens, slow = _logits_per_step(
+        model, monkeypatch, False, generator=torch.Generator().manual_seed(seed), **kwargs)
+    assert len(fast) == len(slow) == 9
+    for step, (a, b) in enumerate(zip(fast, slow, strict=True)):
+        assert torch.equal(a, b), f"step {step}: max diff {(a - b).abs().max():.3g}"
+    assert torch.equal(fast_tokens, slow_tokens)
+
+
+def test_plan_follows_the_weights(seed):
+    torch.manual_seed(seed)
+    model = to_inference(randomize(EncoderDecoderLM(TINY)), "int8")
+    plan = decoder_step.step_plan(model)
+    assert plan is not None and decoder_step.step_plan(model) is plan  # cached
+    model.load_state_dict(model.state_dict())  # packs again: a new plan
+    assert decoder_step.step_plan(model) is not plan
+    x = torch.randint(3, TINY.vocab_size, (2, 7))
+    before = model.generate(x, max_new_tokens=4, eos_token_id=())
+    lm_head = model.lm_head
+    plain = lm_head.unpacked()
+    lm_head.pack(weight=-plain["weight"], weight_scale=plain["weight_scale"])
+    after = model.generate(x, max_new_tokens=4, eos_token_id=())
+    assert not torch.equal(before, after), "the repacked LM head was not used"
+
+
+def test_models_without_a_plan(seed):
+    torch.manual_seed(seed)
+    float_model = randomize(EncoderDecoderLM(TINY))
+    assert decoder_step.step_plan(float_model) is None  # fp32: the module path
+    swiglu = to_inference(randomize(EncoderDecoderLM(TINY.replace(mlp="swiglu"))), "int8")
+    assert decoder_step.step_plan(swiglu) is None  # no fused activation to run in C++
+    unfused = to_inference(randomize(EncoderDecoderLM(TINY)), "int8", fuse=False)
+    assert decoder_step.step_plan(unfused) is None
+    assert isinstance(unfused.lm_head, Int8Linear)
