@@ -17,7 +17,10 @@ touching model code:
   for the run, and ``fastencdec::*`` custom-op events count too: C++ kernels called
   through pybind11 are invisible to the profiler, the region around them is not;
   likewise the int8 GEMM kernel (``models.quantize._int8_linear``) gets a region,
-  charged like a matmul op to the module that called it;
+  charged like a matmul op to the module that called it; an int8 model's one-call C++
+  decode step (``models.decoder_step.run``) is one category of its own, whose inside
+  the profiler cannot split (``--module-path`` profiles the same model module by
+  module instead);
 - an op is counted once, at its outermost level (nested aten calls belong to it);
 - overhead = the unprofiled wall time minus all counted op time: Python, dispatch,
   hooks of the model itself, allocation between ops.
@@ -27,7 +30,7 @@ steps are reported apart: prefill in ms per input batch, decode in ms per step (
 token for each of the B rows).
 
     python bench/profile_generate.py [--preset mu-330m] [--formats fp32 bf16 int8]
-        [--batch-sizes 1 8] [--new-tokens 32] [--threads 2] [--quick]
+        [--batch-sizes 1 8] [--new-tokens 32] [--threads 2] [--quick] [--module-path]
 """
 
 from __future__ import annotations
@@ -44,11 +47,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as harness  # noqa: E402
 import bench_generate as bg  # noqa: E402
 
-CATEGORIES = ("encoder GEMMs", "decoder GEMMs", "LM head", "attention ops",
+CATEGORIES = ("C++ decode step", "encoder GEMMs", "decoder GEMMs", "LM head", "attention ops",
               "norms/activations", "other ops", "overhead")
 WRAPPED_OPS = ("self_attention", "cross_attention", "decode_attention", "append_kv_cache",
                "apply_rope")
 WRAPPED_GEMMS = ("_int8_linear",)  # models.quantize's C++ GEMM entry points
+STEP = f"{LABEL}step::decoder"  # models.decoder_step.run: a whole int8 decode step in C++
 LABEL = "fed::"
 MATMUL_RE = re.compile(r"linear|addmm|(^|::)mm$|matmul|bmm|int8pack|_int_mm|gemm|qlinear")
 
@@ -61,7 +65,7 @@ class Attribution:
         self.torch, self.model = torch, model
         self.handles, self.stack = [], []
         self.calls = defaultdict(int)
-        self.originals, self.gemm_originals = {}, {}
+        self.originals, self.gemm_originals, self.step_original = {}, {}, None
         self.kinds = {}  # module label -> "linear" | "norm" | "mlp" | "attention" | "other"
 
     def install(self):
@@ -86,6 +90,13 @@ class Attribution:
             if fn is not None:
                 self.gemm_originals[attr] = fn
                 setattr(quantize, attr, self._wrap(attr, fn, f"{LABEL}gemm::{attr}"))
+        try:
+            from fastencdec.models import decoder_step
+        except ImportError:  # an older tree: no C++ decode step
+            decoder_step = None
+        if decoder_step is not None:
+            self.step_original = decoder_step.run
+            decoder_step.run = self._wrap("decoder_step", decoder_step.run, STEP)
 
     def remove(self):
         for h in self.handles:
@@ -97,6 +108,10 @@ class Attribution:
             setattr(ops, op, fn)
         for attr, fn in self.gemm_originals.items():
             setattr(quantize, attr, fn)
+        if self.step_original is not None:
+            from fastencdec.models import decoder_step
+
+            decoder_step.run = self.step_original
 
     def _enter(self, label):
         def hook(_module, _args):
@@ -158,6 +173,8 @@ def classify(event, kinds: dict, vocab: int, encdec: bool) -> str | None:
         if name.startswith(f"{LABEL}mod::") and module_label is None:
             module_label = name
     name = event.name
+    if name == STEP:
+        return "C++ decode step"
     if name.startswith(f"{LABEL}gemm::"):
         name = "gemm"  # a C++ GEMM: charged like a matmul op to its module
     elif op_label is not None or name.startswith("fastencdec::") or "attention" in name:
@@ -188,6 +205,10 @@ def _region(torch, label):
 def profile_worker(spec: dict) -> dict:
     import torch
 
+    if not spec.get("cpp_step", True):  # the module path: every op profiled on its own
+        from fastencdec.models import decoder_step
+
+        decoder_step.step_plan = lambda model: None
     engine = bg.FastencdecEngine(spec)
     model, vocab = engine.model, engine.model.config.vocab_size
     encdec = spec["arch"] == bg.ENCDEC
@@ -279,6 +300,9 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=None,
                    help="unprofiled generations whose median is the wall time (default 3)")
     p.add_argument("--quick", action="store_true", help="tiny preset, a smoke run")
+    p.add_argument("--module-path", action="store_true",
+                   help="int8: decode module by module instead of the one-call C++ step "
+                        "(whose inside the profiler cannot split)")
     p.add_argument("--cache-dir", type=Path, default=bg.DEFAULT_CACHE)
     p.add_argument("--results-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None)
@@ -349,7 +373,8 @@ def main(argv=None) -> int:
                     "input_len": args.input_len, "new_tokens": args.new_tokens,
                     "threads": args.threads, "device": "cpu", "vocab_size": config.vocab_size,
                     "model_dir": prepared["dir"], "repeats": args.repeats,
-                    "to_inference": bg.to_inference_available()}
+                    "to_inference": bg.to_inference_available(),
+                    "cpp_step": not args.module_path}
             try:
                 res = harness.run_child(Path(__file__).resolve(), ["--worker", json.dumps(spec)],
                                         env=env, timeout=args.timeout)
@@ -374,7 +399,8 @@ def main(argv=None) -> int:
               "whatever fastencdec::* events the profiler recorded")
     path = run.finish({"setting": {"preset": args.preset, "arch": args.arch,
                                    "input_len": args.input_len, "new_tokens": args.new_tokens,
-                                   "threads": args.threads, "categories": list(CATEGORIES)},
+                                   "threads": args.threads, "categories": list(CATEGORIES),
+                                   "cpp_decode_step": not args.module_path},
                        "rows": rows, "notes": notes, "errors": errors}, verdict=verdict)
     print(f"wrote {path}")
     return 1 if errors or not rows else 0

@@ -97,3 +97,11 @@ def test_models_without_a_plan(seed):
     unfused = to_inference(randomize(EncoderDecoderLM(TINY)), "int8", fuse=False)
     assert decoder_step.step_plan(unfused) is None
     assert isinstance(unfused.lm_head, Int8Linear)
+
+
+def test_compiling_an_int8_model_is_a_clear_error(seed):
+    torch.manual_seed(seed)
+    model = to_inference(randomize(EncoderDecoderLM(TINY)), "int8")
+    x = torch.randn(2, 3, TINY.d_model)
+    with pytest.raises(Exception, match="torch.compile cannot trace"):
+        torch.compile(model.lm_head, fullgraph=True)(x)

@@ -268,6 +268,10 @@ class Int8Linear(_PackedLinear):
         if (x.dtype is not torch.float32 or not x.is_cpu or x.dim() == 0 or x.shape[-1] != k
                 or self._packed is None):
             self._check_input(x, torch.float32)  # raises, naming what is wrong
+        if torch.compiler.is_compiling():
+            raise RuntimeError("Int8Linear runs a C++ kernel that torch.compile cannot trace; "
+                               "an int8 model's decode step already runs in one C++ call "
+                               "(compile fp32/bf16 models)")
         x2 = x.detach().reshape(-1, k)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
