@@ -52,8 +52,8 @@ CATEGORIES = ("C++ decode step", "encoder GEMMs", "decoder GEMMs", "LM head", "a
 WRAPPED_OPS = ("self_attention", "cross_attention", "decode_attention", "append_kv_cache",
                "apply_rope")
 WRAPPED_GEMMS = ("_int8_linear",)  # models.quantize's C++ GEMM entry points
-STEP = f"{LABEL}step::decoder"  # models.decoder_step.run: a whole int8 decode step in C++
 LABEL = "fed::"
+STEP = f"{LABEL}step::decoder"  # models.decoder_step.run: a whole int8 decode step in C++
 MATMUL_RE = re.compile(r"linear|addmm|(^|::)mm$|matmul|bmm|int8pack|_int_mm|gemm|qlinear")
 
 
