@@ -283,7 +283,7 @@ class Int8DecoderStep {
     return d;
   }
 
-  // (panels int8 [ceil(N/16), ceil(K/4), 16, 4], row_sums int32 [16 ceil(N/16)],
+  // (panels int8 [ceil(N/32), ceil(K/4), 32, 4], row_sums int32 [32 ceil(N/32)],
   //  weight_scale fp32 [N], bias fp32 [N] or None), as Int8Linear packs them.
   Linear linear(py::handle obj, const char* name, int64_t in, int64_t out) {
     py::tuple t = py::reinterpret_borrow<py::tuple>(obj);
@@ -296,9 +296,9 @@ class Int8DecoderStep {
     w.out = out;
     if (in > cpu::kInt8MaxK) throw py::value_error(std::string(name) + ": too many inputs");
     w.panels = checked_data<int8_t>(panels, name, 4, false);
-    expect_shape(panels, name, {(out + 15) / 16, (in + 3) / 4, 16, 4});
+    expect_shape(panels, name, {(out + 31) / 32, (in + 3) / 4, 32, 4});
     w.row_sums = checked_data<int32_t>(sums, name, 1, false);
-    expect_dim(sums, name, 0, (out + 15) / 16 * 16);
+    expect_dim(sums, name, 0, (out + 31) / 32 * 32);
     w.scale = checked_data<float>(scale, name, 1, false);
     expect_dim(scale, name, 0, out);
     keep_.append(panels);

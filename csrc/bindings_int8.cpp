@@ -26,9 +26,9 @@ void int8_linear(py::array x, py::array weight, py::array row_sums, py::array we
     throw py::value_error("int8_linear: in_features " + std::to_string(p.in_features) +
                           " is above " + std::to_string(cpu::kInt8MaxK) +
                           " (int32 sums would overflow)");
-  const int64_t panels = (p.out_features + 15) / 16;
-  expect_shape(weight, "weight", {panels, (p.in_features + 3) / 4, 16, 4});
-  expect_dim(row_sums, "row_sums", 0, panels * 16);
+  const int64_t panels = (p.out_features + 31) / 32;
+  expect_shape(weight, "weight", {panels, (p.in_features + 3) / 4, 32, 4});
+  expect_dim(row_sums, "row_sums", 0, panels * 32);
   expect_shape(out, "out", {p.rows, p.out_features});
   if (!bias.is_none()) {
     py::array b = as_array(bias, "bias");
@@ -50,10 +50,10 @@ void register_int8_linear(py::module_& m) {
         py::arg("weight_scale"), py::arg("bias"), py::arg("out"), py::arg("gelu"),
         py::arg("num_threads"),
         "out [M, N] = act(x [M, K] fp32, each row quantised to int8 on its own grid "
-        "(max |x| / 127), times the packed int8 weight [ceil(N/16), ceil(K/4), 16, 4] "
-        "(weight[p, q, c, r] = W[16p + c, 4q + r], zero padded) with exact int32 sums, "
+        "(max |x| / 127), times the packed int8 weight [ceil(N/32), ceil(K/4), 32, 4] "
+        "(weight[p, q, c, r] = W[32p + c, 4q + r], zero padded) with exact int32 sums, "
         "* row scale * weight_scale[n] + bias[n]); act GELU-tanh when gelu. row_sums int32 "
-        "[16 ceil(N/16)]: each packed row's sum.");
+        "[32 ceil(N/32)]: each packed row's sum.");
 }
 
 }  // namespace fastencdec::bind

@@ -72,15 +72,15 @@ struct RmsNormProblem {
 // where each row of x [rows, in_features] fp32 is quantised on its own symmetric grid:
 // s[m] = max |x[m, :]| / 127 (0 for a zero row, NaN for a row holding NaN/Inf) and
 // xq = round_half_even(x * 127 / max) in [-127, 127]; acc is an exact int32 sum.
-// weight: int8 [ceil(N / 16), ceil(K / 4), 16, 4] panels, weight[p, q, c, r] =
-// W[16 p + c, 4 q + r] (zero padded): one panel of 16 output columns is read front to
-// back, 64 bytes per 4 k. row_sums [16 ceil(N / 16)]: sum_k of each packed row.
+// weight: int8 [ceil(N / 32), ceil(K / 4), 32, 4] panels, weight[p, q, c, r] =
+// W[32 p + c, 4 q + r] (zero padded): one panel of 32 output columns is read front to
+// back, 128 bytes per 4 k. row_sums [32 ceil(N / 32)]: sum_k of each packed row.
 // in_features <= kInt8MaxK keeps every int32 partial sum exact.
 constexpr int64_t kInt8MaxK = 65536;
 struct Int8LinearProblem {
   const float* x = nullptr;
   const int8_t* weight = nullptr;
-  const int32_t* row_sums = nullptr;      // [16 * ceil(out_features / 16)]
+  const int32_t* row_sums = nullptr;      // [32 * ceil(out_features / 32)]
   const float* weight_scale = nullptr;    // [out_features]
   const float* bias = nullptr;            // [out_features] or null
   float* out = nullptr;

@@ -7,8 +7,8 @@
 // acc is an exact int32 sum and the epilogue is elementwise, so a row's result never
 // depends on the other rows, the blocking or the thread count.
 //
-// The weights are packed in panels of 16 output columns (kernels.h): for each 4 k, 64
-// bytes hold the 16 columns' 4 weights, so a panel is read front to back as one stream
+// The weights are packed in panels of 32 output columns (kernels.h): for each 4 k, 128
+// bytes hold the 32 columns' 4 weights, so a panel is read front to back as one stream
 // and the vector lanes are output columns (no horizontal sums). Reading 4 rows of the
 // plain [N, K] layout side by side streamed from DRAM at ~2/3 of that speed (2-thread
 // AVX-512 microbenchmark here: 13-15 vs 19-23 GB/s), and decoding is weight streaming.
@@ -129,17 +129,18 @@ void epilogue(const int32_t* acc, int64_t n, float s, const float* ws, const flo
 }
 
 // -- inner kernels --------------------------------------------------------------------
-// dot<MC, NV>: out[i * 32 + 16 * v + c] = sum_k x[i * xs + k] * W[16 * v + c, k] for the
-// NV (1 or 2) panels at w, v < NV, i < MC; panel v starts at w + v * panel_bytes and
-// holds [Kq][16][4] bytes. Lanes are output columns, so nothing is reduced across lanes.
+// dot<MC>: out[i * 32 + c] = sum_k x[i * xs + k] * W[c, k] for i < MC and the 32 columns
+// c of the panel at w ([Kq][32][4] bytes: for each 4 k, two 64-byte halves v = 0, 1 of
+// 16 columns). Lanes are output columns, so nothing is reduced across lanes.
+constexpr int NV = 2;  // 64-byte halves (16 int32 lanes each) of a panel's 128 bytes
 #if defined(FED_ISA_AVX512)
 // AVX512-VNNI: vpdpbusd multiplies u8 x s8 in fours into int32 lanes; x holds xq + 128,
 // so 128 * the row sums come off at the end.
 using XVnni = uint8_t;
-template <int MC, int NV>
+template <int MC>
 __attribute__((target("avx512vnni"))) void dot_vnni(const uint8_t* x, int64_t xs,
-                                                   const int8_t* w, int64_t panel_bytes,
-                                                   int64_t Kq, const int32_t* row_sums,
+                                                   const int8_t* w, int64_t Kq,
+                                                   const int32_t* row_sums,
                                                    int32_t* out) {
   __m512i acc[MC][NV];
   for (int i = 0; i < MC; ++i)
@@ -147,7 +148,7 @@ __attribute__((target("avx512vnni"))) void dot_vnni(const uint8_t* x, int64_t xs
   for (int64_t q = 0; q < Kq; ++q) {
     __m512i wv[NV];
     for (int v = 0; v < NV; ++v) {
-      const int8_t* src = w + v * panel_bytes + 64 * q;
+      const int8_t* src = w + 64 * v + 128 * q;
       wv[v] = _mm512_loadu_si512(src);
     }
     for (int i = 0; i < MC; ++i) {
@@ -168,9 +169,8 @@ __attribute__((target("avx512vnni"))) void dot_vnni(const uint8_t* x, int64_t xs
 #if defined(FED_ISA_AVX512)
 using XT = int16_t;  // AVX-512BW without VNNI: int16 pairs, vpmaddwd
 constexpr int kMaxM = 4;
-template <int MC, int NV>
-void dot(const int16_t* x, int64_t xs, const int8_t* w, int64_t panel_bytes, int64_t Kq,
-         int32_t* out) {
+template <int MC>
+void dot(const int16_t* x, int64_t xs, const int8_t* w, int64_t Kq, int32_t* out) {
   // A 32-byte half of a k-quad (8 columns x 4 k) widened to int16 and multiplied by
   // (x0, x1, x2, x3) in pairs gives each column's two partial sums in adjacent lanes.
   __m512i acc[MC][NV][2];
@@ -179,7 +179,7 @@ void dot(const int16_t* x, int64_t xs, const int8_t* w, int64_t panel_bytes, int
   for (int64_t q = 0; q < Kq; ++q) {
     __m512i wv[NV][2];
     for (int v = 0; v < NV; ++v) {
-      const int8_t* src = w + v * panel_bytes + 64 * q;
+      const int8_t* src = w + 64 * v + 128 * q;
       for (int h = 0; h < 2; ++h)
         wv[v][h] = _mm512_cvtepi8_epi16(
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 * h)));
@@ -206,9 +206,8 @@ void dot(const int16_t* x, int64_t xs, const int8_t* w, int64_t panel_bytes, int
 #elif defined(FED_ISA_AVX2)
 using XT = int16_t;
 constexpr int kMaxM = 2;  // 16 ymm registers
-template <int MC, int NV>
-void dot(const int16_t* x, int64_t xs, const int8_t* w, int64_t panel_bytes, int64_t Kq,
-         int32_t* out) {
+template <int MC>
+void dot(const int16_t* x, int64_t xs, const int8_t* w, int64_t Kq, int32_t* out) {
   // A 16-byte quarter of a k-quad (4 columns x 4 k) widened and multiplied in pairs:
   // two partial sums per column, adjacent.
   __m256i acc[MC][NV][4];
@@ -217,7 +216,7 @@ void dot(const int16_t* x, int64_t xs, const int8_t* w, int64_t panel_bytes, int
       for (int h = 0; h < 4; ++h) acc[i][v][h] = _mm256_setzero_si256();
   for (int64_t q = 0; q < Kq; ++q) {
     for (int v = 0; v < NV; ++v) {
-      const int8_t* src = w + v * panel_bytes + 64 * q;
+      const int8_t* src = w + 64 * v + 128 * q;
       for (int h = 0; h < 4; ++h) {
         const __m256i wv =
             _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16 * h)));
@@ -241,10 +240,9 @@ void dot(const int16_t* x, int64_t xs, const int8_t* w, int64_t panel_bytes, int
 }
 #elif defined(FED_ISA_NEON)
 using XT = int8_t;
-constexpr int kMaxM = 2;
-template <int MC, int NV>
-void dot(const int8_t* x, int64_t xs, const int8_t* w, int64_t panel_bytes, int64_t Kq,
-         int32_t* out) {
+constexpr int kMaxM = 1;  // 16 of the 32 q registers hold one row's accumulators
+template <int MC>
+void dot(const int8_t* x, int64_t xs, const int8_t* w, int64_t Kq, int32_t* out) {
   // 8 bytes = 2 columns x 4 k, times (x0..x3, x0..x3): int16 products, pairwise into
   // int32 lanes [c0 k01, c0 k23, c1 k01, c1 k23].
   int32x4_t acc[MC][NV][8];
@@ -259,7 +257,7 @@ void dot(const int8_t* x, int64_t xs, const int8_t* w, int64_t panel_bytes, int6
       xb[i] = vreinterpret_s8_s32(vdup_n_s32(quad));
     }
     for (int v = 0; v < NV; ++v) {
-      const int8_t* src = w + v * panel_bytes + 64 * q;
+      const int8_t* src = w + 64 * v + 128 * q;
       for (int h = 0; h < 8; ++h) {
         const int8x8_t wv = vld1_s8(src + 8 * h);
         for (int i = 0; i < MC; ++i) acc[i][v][h] = vpadalq_s16(acc[i][v][h], vmull_s8(wv, xb[i]));
@@ -274,16 +272,15 @@ void dot(const int8_t* x, int64_t xs, const int8_t* w, int64_t panel_bytes, int6
 #else
 using XT = int16_t;
 constexpr int kMaxM = 1;
-template <int MC, int NV>
-void dot(const int16_t* x, int64_t xs, const int8_t* w, int64_t panel_bytes, int64_t Kq,
-         int32_t* out) {
+template <int MC>
+void dot(const int16_t* x, int64_t xs, const int8_t* w, int64_t Kq, int32_t* out) {
   for (int i = 0; i < MC; ++i)
     for (int v = 0; v < NV; ++v)
       for (int c = 0; c < 16; ++c) {
         int32_t sum = 0;
-        const int8_t* col = w + v * panel_bytes + 4 * c;
+        const int8_t* col = w + 64 * v + 4 * c;
         for (int64_t q = 0; q < Kq; ++q)
-          for (int r = 0; r < 4; ++r) sum += int32_t(x[i * xs + 4 * q + r]) * int32_t(col[64 * q + r]);
+          for (int r = 0; r < 4; ++r) sum += int32_t(x[i * xs + 4 * q + r]) * int32_t(col[128 * q + r]);
         out[i * 32 + 16 * v + c] = sum;
       }
 }
@@ -311,55 +308,52 @@ void prepare_rows(const float* x, int64_t M, int64_t K, int64_t xs, X* xq, float
   });
 }
 
-// Run-time tile shape (mc in [1, MaxM], nv in {1, 2}) to the compiled kernels.
+// Run-time tile height (mc in [1, MaxM]) to the compiled kernels.
 #if defined(FED_ISA_AVX512)
 template <int MaxM, int MC = 1>
-void dot_vnni_any(int mc, int nv, const uint8_t* x, int64_t xs, const int8_t* w, int64_t pb,
-                  int64_t Kq, const int32_t* row_sums, int32_t* out) {
+void dot_vnni_any(int mc, const uint8_t* x, int64_t xs, const int8_t* w, int64_t Kq,
+                  const int32_t* row_sums, int32_t* out) {
   if constexpr (MC <= MaxM) {
-    if (mc != MC) return dot_vnni_any<MaxM, MC + 1>(mc, nv, x, xs, w, pb, Kq, row_sums, out);
-    if (nv == 2) return dot_vnni<MC, 2>(x, xs, w, pb, Kq, row_sums, out);
-    return dot_vnni<MC, 1>(x, xs, w, pb, Kq, row_sums, out);
+    if (mc != MC) return dot_vnni_any<MaxM, MC + 1>(mc, x, xs, w, Kq, row_sums, out);
+    return dot_vnni<MC>(x, xs, w, Kq, row_sums, out);
   }
 }
 #endif
 
 template <int MaxM, int MC = 1>
-void dot_any(int mc, int nv, const XT* x, int64_t xs, const int8_t* w, int64_t pb, int64_t Kq,
-             const int32_t*, int32_t* out) {
+void dot_any(int mc, const XT* x, int64_t xs, const int8_t* w, int64_t Kq, const int32_t*,
+             int32_t* out) {
   if constexpr (MC <= MaxM) {
-    if (mc != MC) return dot_any<MaxM, MC + 1>(mc, nv, x, xs, w, pb, Kq, nullptr, out);
-    if (nv == 2) return dot<MC, 2>(x, xs, w, pb, Kq, out);
-    return dot<MC, 1>(x, xs, w, pb, Kq, out);
+    if (mc != MC) return dot_any<MaxM, MC + 1>(mc, x, xs, w, Kq, nullptr, out);
+    return dot<MC>(x, xs, w, Kq, out);
   }
 }
 
 template <typename X, int MaxM, typename Dot>
 void run(const Int8LinearProblem& p, const Dot& dot_tile) {
   const int64_t M = p.rows, N = p.out_features, K = p.in_features;
-  const int64_t Kq = (K + 3) / 4, xs = Kq * 4 + 8, panel_bytes = Kq * 64;
+  const int64_t Kq = (K + 3) / 4, xs = Kq * 4 + 8, panel_bytes = Kq * 128;
   std::vector<X> xq(static_cast<size_t>(M * xs));
   std::vector<float> s(static_cast<size_t>(M));
   prepare_rows(p.x, M, K, xs, xq.data(), s.data(), p.num_threads);
 
-  const int64_t panels = (N + 15) / 16, pairs = (panels + 1) / 2;
+  const int64_t panels = (N + 31) / 32;
   // Rows of x per pass over the weights: ~256 KiB of them stay in L2 while the
   // weight panels stream past (one pass when decoding).
   const int64_t m_block = std::max<int64_t>(MaxM, (256 << 10) / (xs * int64_t(sizeof(X))));
   // Below ~64 KiB of weights (x rows) a second thread costs more to wake than it saves.
   const int threads = N * K * std::min<int64_t>(M, 8) < (1 << 16) ? 1 : p.num_threads;
-  parallel_for_tid(pairs, threads, [&](int64_t u0, int64_t u1, int) {
+  parallel_for_tid(panels, threads, [&](int64_t u0, int64_t u1, int) {
     int32_t tile[MaxM * 32];
     for (int64_t mb = 0; mb < M; mb += m_block) {
       const int64_t me = std::min(M, mb + m_block);
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t n0 = 32 * u;
-        const int nv = static_cast<int>(std::min<int64_t>(2, panels - 2 * u));
         const int64_t cols = std::min<int64_t>(32, N - n0);
-        const int8_t* w = p.weight + 2 * u * panel_bytes;
+        const int8_t* w = p.weight + u * panel_bytes;
         for (int64_t m0 = mb; m0 < me; m0 += MaxM) {
           const int mc = static_cast<int>(std::min<int64_t>(MaxM, me - m0));
-          dot_tile(mc, nv, xq.data() + m0 * xs, xs, w, panel_bytes, Kq, p.row_sums + n0, tile);
+          dot_tile(mc, xq.data() + m0 * xs, xs, w, Kq, p.row_sums + n0, tile);
           for (int i = 0; i < mc; ++i)
             epilogue(tile + i * 32, cols, s[m0 + i], p.weight_scale + n0,
                      p.bias ? p.bias + n0 : nullptr, p.gelu, p.out + (m0 + i) * N + n0);

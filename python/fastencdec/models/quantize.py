@@ -208,8 +208,8 @@ class Int8Linear(_PackedLinear):
     Why our own kernel and not PyTorch's int8 linear paths (``bench/bench_linear_cpu.py``
     and ``bench/README.md``): fbgemm's dynamic linear quantises per tensor (rows would
     depend on each other) and costs ~100 us of fixed work per call at M = 1; the
-    weights here are packed in panels of 16 output columns read front to back (64 bytes
-    per 4 k), which streams at the machine's read bandwidth, and the row quantisation
+    weights here are packed in panels of 32 output columns read front to back (128
+    bytes per 4 k), which streams at the machine's read bandwidth, and the row quantisation
     and epilogue fuse into the same pass.
     """
 
@@ -237,11 +237,11 @@ class Int8Linear(_PackedLinear):
             raise ValueError(f"Int8Linear: in_features {self.in_features} is above "
                              f"{INT8_MAX_IN_FEATURES} (the int32 sums would overflow)")
         n, k = weight.shape
-        n_pad, k_pad = -(-n // 16) * 16, -(-k // 4) * 4
+        n_pad, k_pad = -(-n // 32) * 32, -(-k // 4) * 4
         plain = torch.zeros(n_pad, k_pad, dtype=torch.int8)
         plain[:n, :k] = weight
-        # panels[p, q, c, r] = W[16 p + c, 4 q + r]: 16 output columns, 4 k per 64 bytes
-        panels = plain.view(n_pad // 16, 16, k_pad // 4, 4).permute(0, 2, 1, 3).contiguous()
+        # panels[p, q, c, r] = W[32 p + c, 4 q + r]: 32 output columns, 4 k per 128 bytes
+        panels = plain.view(n_pad // 32, 32, k_pad // 4, 4).permute(0, 2, 1, 3).contiguous()
         row_sums = plain.sum(1, dtype=torch.int32)
         scale = weight_scale.clone()
         return {"panels": panels, "row_sums": row_sums, "weight_scale": scale,
@@ -251,7 +251,7 @@ class Int8Linear(_PackedLinear):
     def _unpack(self):
         panels = self._packed["panels"]
         n, k = self.out_features, self.in_features
-        plain = panels.permute(0, 2, 1, 3).reshape(panels.shape[0] * 16, panels.shape[1] * 4)
+        plain = panels.permute(0, 2, 1, 3).reshape(panels.shape[0] * 32, panels.shape[1] * 4)
         return {"weight": plain[:n, :k].clone(),
                 "weight_scale": self._packed["weight_scale"].clone()}
 
@@ -301,7 +301,7 @@ class Int8Linear(_PackedLinear):
         return F.gelu(y, approximate="tanh") if self.activation == "gelu_tanh" else y
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + ", weight=int8 per-channel (16-column panels)"
+        return super().extra_repr() + ", weight=int8 per-channel (32-column panels)"
 
 
 def _mkldnn_bf16() -> bool:
