@@ -3,6 +3,9 @@ the same kernels in the same order, so every step's logits must be bitwise equal
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 
@@ -105,3 +108,22 @@ def test_compiling_an_int8_model_is_a_clear_error(seed):
     x = torch.randn(2, 3, TINY.d_model)
     with pytest.raises(Exception, match="torch.compile cannot trace"):
         torch.compile(model.lm_head, fullgraph=True)(x)
+
+
+def test_plan_survives_copies_and_follows_replaced_tensors(seed, monkeypatch):
+    torch.manual_seed(seed)
+    model = to_inference(randomize(EncoderDecoderLM(TINY)), "int8")
+    x = torch.randint(3, TINY.vocab_size, (2, 7))
+    tokens = model.generate(x, max_new_tokens=4, eos_token_id=())
+    clone = copy.deepcopy(model)  # the plan cache is not part of the model
+    assert torch.equal(clone.generate(x, max_new_tokens=4, eos_token_id=()), tokens)
+    assert torch.equal(pickle.loads(pickle.dumps(model)).generate(
+        x, max_new_tokens=4, eos_token_id=()), tokens)
+    plan = decoder_step.step_plan(model)
+    norm = model.decoder[0].norm1
+    norm.weight = torch.nn.Parameter(torch.rand_like(norm.weight) + 0.5, requires_grad=False)
+    assert decoder_step.step_plan(model) is not plan  # a replaced tensor: rebuilt
+    kwargs = dict(input_ids=x, max_new_tokens=4, eos_token_id=())
+    _, fast = _logits_per_step(model, monkeypatch, True, **kwargs)
+    _, slow = _logits_per_step(model, monkeypatch, False, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))

@@ -8,14 +8,17 @@ MLP, residuals, final norm and LM head -- runs as one call to the same kernels i
 same order, so the logits equal the module path's bitwise (tested).
 
 ``step_plan(model)`` returns the plan, or None when the model is not such a model; the
-plan is rebuilt when any int8 weight is packed again (``pack``/``load_state_dict``)
-and holds views of the norm weights and biases (in-place updates are seen).
+plan is rebuilt when any int8 weight is packed again (``pack``/``load_state_dict``) or
+a norm weight or bias is replaced, and reads the norm weights and biases in place
+(in-place updates are seen).
 ``EncoderDecoderLM.decode_step`` uses it for one-token steps of fp32 activations;
 everything else (training mode, several tokens per step, dynamic-NTK recomputation)
 takes the module path.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -28,46 +31,55 @@ except ImportError:  # pragma: no cover - the compiled module is part of the pac
     Int8DecoderStep = None
 
 
-def _linear(module) -> tuple | None:
+def _linear(module, refs: list) -> tuple | None:
     if not isinstance(module, quantize.Int8Linear) or module._packed is None:
         return None
     panels, row_sums, scale = module._packed["args"]
     bias = module.bias
+    refs.append((module, "bias", bias))
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         return None
     return panels, row_sums, scale, None if bias is None else bias.detach().numpy()
 
 
-def _norm(module, eps: float):
+def _norm(module, eps: float, refs: list):
     if not isinstance(module, RMSNorm) or module.eps != eps:
         return None
     w = module.weight
+    refs.append((module, "weight", w))
     if w.dtype != torch.float32 or not w.is_contiguous() or w.device.type != "cpu":
         return None
     return w.detach().numpy()
 
 
 def _build(model):
-    """The C++ step for ``model``, or None when its structure does not fit."""
+    """(the C++ step for ``model`` or None when its structure does not fit, the
+    (module, attribute, tensor) triples whose replacement makes it stale)."""
     config = model.config
     eps = config.norm_eps
-    layers = []
+    layers, refs = [], []
     for block in model.decoder:
         attn, cross, mlp = block.self_attn, block.cross_attn, block.mlp
         qkv = attn._modules.get("qkv_proj")
         if not isinstance(mlp, GeluMLP) or getattr(mlp.fc1, "activation", None) != "gelu_tanh":
-            return None
-        parts = (_norm(block.norm1, eps), _linear(qkv), _linear(attn.out_proj),
-                 _norm(block.norm2, eps), _linear(cross.q_proj), _linear(cross.out_proj),
-                 _norm(block.norm3, eps), _linear(mlp.fc1), _linear(mlp.fc2))
+            return None, refs
+        parts = (_norm(block.norm1, eps, refs), _linear(qkv, refs),
+                 _linear(attn.out_proj, refs), _norm(block.norm2, eps, refs),
+                 _linear(cross.q_proj, refs), _linear(cross.out_proj, refs),
+                 _norm(block.norm3, eps, refs), _linear(mlp.fc1, refs), _linear(mlp.fc2, refs))
         if any(p is None for p in parts):
-            return None
+            return None, refs
         layers.append(parts)
-    final, head = _norm(model.decoder_norm, eps), _linear(model.lm_head)
+    final, head = _norm(model.decoder_norm, eps, refs), _linear(model.lm_head, refs)
     if final is None or head is None or not layers:
-        return None
+        return None, refs
     return Int8DecoderStep(config.d_model, config.n_heads, config.n_kv_heads, config.head_dim,
-                           eps, layers, final, head)
+                           eps, layers, final, head), refs
+
+
+# model -> (pack version, plan or None, refs); weak, so a plan never outlives its model,
+# and kept off the module so that copying or pickling a model never meets it
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def step_plan(model):
@@ -75,10 +87,15 @@ def step_plan(model):
     if Int8DecoderStep is None:
         return None
     version = quantize.pack_version()
-    cached = model.__dict__.get("_int8_step")
-    if cached is None or cached[0] != version:
-        cached = (version, _build(model) if quantize.weight_format(model) == "int8" else None)
-        model.__dict__["_int8_step"] = cached
+    cached = _PLANS.get(model)
+    if (cached is None or cached[0] != version
+            or any(getattr(m, name) is not t for m, name, t in cached[2])):
+        if quantize.weight_format(model) == "int8":
+            plan, refs = _build(model)
+        else:
+            plan, refs = None, []
+        cached = (version, plan, refs)
+        _PLANS[model] = cached
     return cached[1]
 
 
