@@ -1,7 +1,8 @@
-// One decode step of an int8 encoder-decoder decoder in a single C++ call
-// (fastencdec.models.decoder_step): for every layer
+// One decode step of an int8 decoder in a single C++ call (fastencdec.models.decoder_step):
+// for every layer
 //   x += out(attend_cache(rope(qkv(norm1(x)))));  x += cout(cross(cq(norm2(x)), K_l, V_l));
 //   x += fc2(gelu(fc1(norm3(x))));   then logits = lm_head(final_norm(x)).
+// (A decoder-only model's layers have no cross-attention line.)
 // The same kernels, in the same order and on the same data, as the module-by-module
 // path (models/layers.py), so the logits are bitwise the same; what goes away is the
 // Python between the kernels (module calls, op wrappers, tensor views), ~40% of a
@@ -36,6 +37,7 @@ struct Linear {
 };
 
 struct Layer {
+  bool cross = true;  // false: a decoder-only block (no cross-attention)
   const float* norm1 = nullptr;
   const float* norm2 = nullptr;
   const float* norm3 = nullptr;
@@ -54,20 +56,28 @@ class Int8DecoderStep {
     const int64_t q_w = hq_ * hd_, kv_w = hkv_ * hd_;
     for (py::handle item : layers) {
       py::tuple t = py::reinterpret_borrow<py::tuple>(item);
-      if (t.size() != 9)
+      if (t.size() != 9 && t.size() != 6)
         throw py::value_error("each layer is (norm1, qkv, out, norm2, cross_q, cross_out, "
-                              "norm3, fc1, fc2)");
+                              "norm3, fc1, fc2) or, decoder-only, (norm1, qkv, out, norm2, "
+                              "fc1, fc2)");
       Layer l;
+      l.cross = t.size() == 9;
+      if (!layers_.empty() && layers_[0].cross != l.cross)
+        throw py::value_error("all layers must be of one kind");
+      const int mlp = l.cross ? 6 : 3;  // index of the MLP's norm
       l.norm1 = norm(t[0], "norm1");
       l.qkv = linear(t[1], "qkv", d_, q_w + 2 * kv_w);
       l.out = linear(t[2], "out", q_w, d_);
-      l.norm2 = norm(t[3], "norm2");
-      l.cross_q = linear(t[4], "cross_q", d_, q_w);
-      l.cross_out = linear(t[5], "cross_out", q_w, d_);
-      l.norm3 = norm(t[6], "norm3");
-      const int64_t d_ff = py::reinterpret_borrow<py::tuple>(t[7])[2].cast<py::array>().shape(0);
-      l.fc1 = linear(t[7], "fc1", d_, d_ff);
-      l.fc2 = linear(t[8], "fc2", d_ff, d_);
+      if (l.cross) {
+        l.norm2 = norm(t[3], "norm2");
+        l.cross_q = linear(t[4], "cross_q", d_, q_w);
+        l.cross_out = linear(t[5], "cross_out", q_w, d_);
+      }
+      l.norm3 = norm(t[mlp], "norm3");
+      const int64_t d_ff =
+          py::reinterpret_borrow<py::tuple>(t[mlp + 1])[2].cast<py::array>().shape(0);
+      l.fc1 = linear(t[mlp + 1], "fc1", d_, d_ff);
+      l.fc2 = linear(t[mlp + 2], "fc2", d_ff, d_);
       layers_.push_back(l);
     }
     final_norm_ = norm(final_norm, "final_norm");
@@ -113,13 +123,15 @@ class Int8DecoderStep {
       kmask = checked_data<bool>(m, "key_mask", 2, false);
       expect_shape(m, "key_mask", {R, max_len});
     }
-    if (int64_t(cross_k.size()) != L || int64_t(cross_v.size()) != L)
+    const bool cross = L > 0 && layers_[0].cross;
+    const int64_t n_cross = cross ? L : 0;
+    if (int64_t(cross_k.size()) != n_cross || int64_t(cross_v.size()) != n_cross)
       throw py::value_error("cross_k and cross_v need one array per layer (" +
-                            std::to_string(L) + ")");
+                            std::to_string(n_cross) + ")");
     std::vector<py::array> ck, cv;  // keep the per-layer arrays referenced
-    std::vector<const float*> ckd(L), cvd(L);
-    int64_t batch = -1, enc_len = -1;
-    for (int64_t l = 0; l < L; ++l) {
+    std::vector<const float*> ckd(n_cross), cvd(n_cross);
+    int64_t batch = R, enc_len = 0;
+    for (int64_t l = 0; l < n_cross; ++l) {
       ck.push_back(as_array(cross_k[l], "cross_k"));
       cv.push_back(as_array(cross_v[l], "cross_v"));
       ckd[l] = checked_data<float>(ck[l], "cross_k", 4, false);
@@ -128,11 +140,12 @@ class Int8DecoderStep {
       expect_shape(ck[l], "cross_k", {batch, enc_len, hkv_, hd_});
       expect_shape(cv[l], "cross_v", {batch, enc_len, hkv_, hd_});
     }
-    if (L > 0 && (batch < 1 || R % batch))
+    if (cross && (batch < 1 || R % batch))
       throw py::value_error("x has " + std::to_string(R) + " rows, not a multiple of the "
                             "encoder batch " + std::to_string(batch));
     const bool* emask = nullptr;
     if (!encoder_mask.is_none()) {
+      if (!cross) throw py::value_error("encoder_mask: a decoder-only step has no encoder");
       py::array m = as_array(encoder_mask, "encoder_mask");
       emask = checked_data<bool>(m, "encoder_mask", 2, false);
       expect_shape(m, "encoder_mask", {batch, enc_len});
@@ -185,45 +198,18 @@ class Int8DecoderStep {
       a.inv_freq = inv_freq.data();
       a.num_threads = threads;
       append_kv_cache_impl(a);
-      AttentionProblem s;
-      s.q = q_rot.data();
-      s.k = a.k_cache;
-      s.v = a.v_cache;
-      s.out = o.data();
-      s.batch = R;
-      s.q_len = 1;
-      s.kv_len = max_len;
-      s.q_heads = hq_;
-      s.kv_heads = hkv_;
-      s.head_dim = hd_;
-      s.key_mask = kmask;
-      s.kv_seqlens = after64.data();
-      s.causal = true;
-      s.scale = scale;
-      s.num_threads = threads;
-      attention_impl(s);
+      attend(q_rot.data(), kc + li * cache_layer, vc + li * cache_layer, o.data(), R, 1,
+             max_len, kmask, after64.data(), true, scale, threads);
       linear(l.out, o.data(), y.data(), R, false, threads);
       add(xd, y.data(), R * d_);
-      // cross-attention: the R / B rows of one input fold into its query axis
-      rms_norm(xd, l.norm2, h.data(), R, threads);
-      linear(l.cross_q, h.data(), q.data(), R, false, threads);
-      AttentionProblem c;
-      c.q = q.data();
-      c.k = ckd[li];
-      c.v = cvd[li];
-      c.out = o.data();
-      c.batch = batch;
-      c.q_len = R / batch;
-      c.kv_len = enc_len;
-      c.q_heads = hq_;
-      c.kv_heads = hkv_;
-      c.head_dim = hd_;
-      c.key_mask = emask;
-      c.scale = scale;
-      c.num_threads = threads;
-      attention_impl(c);
-      linear(l.cross_out, o.data(), y.data(), R, false, threads);
-      add(xd, y.data(), R * d_);
+      if (l.cross) {  // cross-attention: the R / B rows of one input fold into its query axis
+        rms_norm(xd, l.norm2, h.data(), R, threads);
+        linear(l.cross_q, h.data(), q.data(), R, false, threads);
+        attend(q.data(), ckd[li], cvd[li], o.data(), batch, R / batch, enc_len, emask, nullptr,
+               false, scale, threads);
+        linear(l.cross_out, o.data(), y.data(), R, false, threads);
+        add(xd, y.data(), R * d_);
+      }
       // MLP (GELU in fc1's epilogue)
       rms_norm(xd, l.norm3, h.data(), R, threads);
       linear(l.fc1, h.data(), f.data(), R, true, threads);
@@ -269,6 +255,30 @@ class Int8DecoderStep {
     p.gelu = gelu;
     p.num_threads = threads;
     int8_impl(p);
+  }
+
+  // q [batch, q_len, Hq, D] against k/v [batch, kv_len, Hkv, D] (the layout of
+  // AttentionProblem), fp32.
+  void attend(const float* q, const float* k, const float* v, float* out, int64_t batch,
+              int64_t q_len, int64_t kv_len, const bool* key_mask, const int64_t* seqlens,
+              bool causal, float scale, int threads) const {
+    AttentionProblem p;
+    p.q = q;
+    p.k = k;
+    p.v = v;
+    p.out = out;
+    p.batch = batch;
+    p.q_len = q_len;
+    p.kv_len = kv_len;
+    p.q_heads = hq_;
+    p.kv_heads = hkv_;
+    p.head_dim = hd_;
+    p.key_mask = key_mask;
+    p.kv_seqlens = seqlens;
+    p.causal = causal;
+    p.scale = scale;
+    p.num_threads = threads;
+    attention_impl(p);
   }
 
   static void add(float* x, const float* y, int64_t n) {  // as torch's x + y, elementwise
@@ -325,7 +335,7 @@ class Int8DecoderStep {
 
 void register_decoder_step(py::module_& m) {
   py::class_<Int8DecoderStep>(m, "Int8DecoderStep",
-                              "One int8 encoder-decoder decode step in a single call.")
+                              "One int8 decode step (encoder-decoder or decoder-only) in a single call.")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, double, py::list, py::array,
                     py::tuple>(),
            py::arg("d_model"), py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"),

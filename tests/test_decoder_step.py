@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from _helpers import randomize
-from fastencdec import EncDecConfig, EncoderDecoderLM
+from fastencdec import DecoderOnlyConfig, DecoderOnlyLM, EncDecConfig, EncoderDecoderLM
 from fastencdec.models import decoder_step
 from fastencdec.models.quantize import Int8Linear, to_inference
 
@@ -22,7 +22,8 @@ TINY = EncDecConfig.preset("tiny")
 def _logits_per_step(model, monkeypatch, fast: bool, **kwargs):
     """Each decode step's logits, with the C++ step on or off."""
     seen = []
-    original = EncoderDecoderLM.decode_step
+    cls = type(model)
+    original = cls.decode_step
 
     def recording(self, *args, **kw):
         out = original(self, *args, **kw)
@@ -30,7 +31,7 @@ def _logits_per_step(model, monkeypatch, fast: bool, **kwargs):
         return out
 
     with monkeypatch.context() as m:
-        m.setattr(EncoderDecoderLM, "decode_step", recording)
+        m.setattr(cls, "decode_step", recording)
         if not fast:
             m.setattr(decoder_step, "step_plan", lambda model: None)
         tokens = model.generate(**kwargs)
@@ -127,3 +128,25 @@ def test_plan_survives_copies_and_follows_replaced_tensors(seed, monkeypatch):
     _, fast = _logits_per_step(model, monkeypatch, True, **kwargs)
     _, slow = _logits_per_step(model, monkeypatch, False, **kwargs)
     assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))
+
+
+@pytest.mark.parametrize("case", [dict(), dict(n_layers=3, attn_bias=False)])
+def test_decoder_only_cpp_step_equals_the_module_path(case, threads, seed, monkeypatch):
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    config = DecoderOnlyConfig.twin_of(TINY).replace(**case)
+    model = to_inference(randomize(DecoderOnlyLM(config)), "int8")
+    assert decoder_step.step_plan(model) is not None
+    x = torch.randint(3, config.vocab_size, (3, 11), generator=gen)
+    mask = torch.ones_like(x, dtype=torch.bool)
+    mask[1, 7:] = False  # prompts of different lengths
+    kwargs = dict(input_ids=x, attention_mask=mask, max_new_tokens=7, eos_token_id=(),
+                  do_sample=True, temperature=1.5, num_return_sequences=2)
+    fast_tokens, fast = _logits_per_step(
+        model, monkeypatch, True, generator=torch.Generator().manual_seed(seed), **kwargs)
+    slow_tokens, slow = _logits_per_step(
+        model, monkeypatch, False, generator=torch.Generator().manual_seed(seed), **kwargs)
+    assert len(fast) == len(slow) == 6
+    for step, (a, b) in enumerate(zip(fast, slow, strict=True)):
+        assert torch.equal(a, b), f"step {step}: max diff {(a - b).abs().max():.3g}"
+    assert torch.equal(fast_tokens, slow_tokens)

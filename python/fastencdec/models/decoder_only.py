@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .. import generation, inputs
+from . import decoder_step
 from .config import DecoderOnlyConfig
 from .layers import Block, RMSNorm, init_weights
 from .outputs import IGNORE_INDEX, LMOutput, lm_loss
@@ -99,6 +100,11 @@ class DecoderOnlyLM(PretrainedMixin, nn.Module):
                 x = block(x, key_padding_mask=mask, rope_len=x.shape[1])
             last = (cache.lens_after.long() - 1)[:, None, None].expand(-1, 1, x.shape[2])
             return self.lm_head(self.norm(x.gather(1, last)[:, 0]))
+        plan = None if torch.compiler.is_compiling() else decoder_step.step_plan(self)
+        if plan is not None:  # int8: the whole step in one C++ call
+            logits = decoder_step.run(plan, self, x, cache)
+            if logits is not None:
+                return logits
         for i, block in enumerate(self.layers):
             x = block.step(x, cache, i)
         return self.lm_head(self.norm(x[:, -1]))

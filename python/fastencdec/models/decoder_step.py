@@ -1,17 +1,19 @@
-"""The int8 encoder-decoder decode step in one C++ call (``_C.Int8DecoderStep``).
+"""The int8 decode step in one C++ call (``_C.Int8DecoderStep``), for encoder-decoder
+and decoder-only models.
 
 Called module by module from Python, a batch-1 mu-330m int8 decode step spent ~40% of
 its time between the kernels (module calls, op wrappers, views). For a model converted
 by ``to_inference(model, "int8")`` (fused QKV, GELU in fc1's epilogue) the whole
-decoder -- norms, projections, RoPE + cache append, cache attention, cross-attention,
-MLP, residuals, final norm and LM head -- runs as one call to the same kernels in the
-same order, so the logits equal the module path's bitwise (tested).
+decoder -- norms, projections, RoPE + cache append, cache attention, cross-attention
+(encoder-decoder), MLP, residuals, final norm and LM head -- runs as one call to the
+same kernels in the same order, so the logits equal the module path's bitwise (tested).
 
 ``step_plan(model)`` returns the plan, or None when the model is not such a model; the
 plan is rebuilt when any int8 weight is packed again (``pack``/``load_state_dict``) or
 a norm weight or bias is replaced, and reads the norm weights and biases in place
 (in-place updates are seen).
-``EncoderDecoderLM.decode_step`` uses it for one-token steps of fp32 activations;
+``EncoderDecoderLM.decode_step`` and ``DecoderOnlyLM.decode_step`` use it for
+one-token steps of fp32 activations;
 everything else (training mode, several tokens per step, dynamic-NTK recomputation)
 takes the module path.
 """
@@ -52,25 +54,36 @@ def _norm(module, eps: float, refs: list):
     return w.detach().numpy()
 
 
+def _blocks(model):
+    """(decoder blocks, final norm, whether they cross-attend) of either architecture."""
+    if getattr(model, "is_encoder_decoder", False):
+        return model.decoder, model.decoder_norm, True
+    return model.layers, model.norm, False
+
+
 def _build(model):
     """(the C++ step for ``model`` or None when its structure does not fit, the
     (module, attribute, tensor) triples whose replacement makes it stale)."""
     config = model.config
     eps = config.norm_eps
+    blocks, final_norm, cross = _blocks(model)
     layers, refs = [], []
-    for block in model.decoder:
-        attn, cross, mlp = block.self_attn, block.cross_attn, block.mlp
+    for block in blocks:
+        attn, mlp = (block.self_attn if cross else block.attn), block.mlp
         qkv = attn._modules.get("qkv_proj")
         if not isinstance(mlp, GeluMLP) or getattr(mlp.fc1, "activation", None) != "gelu_tanh":
             return None, refs
-        parts = (_norm(block.norm1, eps, refs), _linear(qkv, refs),
-                 _linear(attn.out_proj, refs), _norm(block.norm2, eps, refs),
-                 _linear(cross.q_proj, refs), _linear(cross.out_proj, refs),
-                 _norm(block.norm3, eps, refs), _linear(mlp.fc1, refs), _linear(mlp.fc2, refs))
+        parts = [_norm(block.norm1, eps, refs), _linear(qkv, refs), _linear(attn.out_proj, refs)]
+        if cross:
+            parts += [_norm(block.norm2, eps, refs), _linear(block.cross_attn.q_proj, refs),
+                      _linear(block.cross_attn.out_proj, refs), _norm(block.norm3, eps, refs)]
+        else:
+            parts.append(_norm(block.norm2, eps, refs))
+        parts += [_linear(mlp.fc1, refs), _linear(mlp.fc2, refs)]
         if any(p is None for p in parts):
             return None, refs
-        layers.append(parts)
-    final, head = _norm(model.decoder_norm, eps, refs), _linear(model.lm_head, refs)
+        layers.append(tuple(parts))
+    final, head = _norm(final_norm, eps, refs), _linear(model.lm_head, refs)
     if final is None or head is None or not layers:
         return None, refs
     return Int8DecoderStep(config.d_model, config.n_heads, config.n_kv_heads, config.head_dim,
@@ -83,7 +96,7 @@ _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def step_plan(model):
-    """The cached C++ step of an int8 encoder-decoder ``model`` (None if it has none)."""
+    """The cached C++ step of an int8 ``model`` (None if it has none)."""
     if Int8DecoderStep is None:
         return None
     version = quantize.pack_version()
@@ -110,19 +123,20 @@ def _cross_views(cross_kv):
     return ks, vs
 
 
-def run(plan, model, x: torch.Tensor, cache, cross_kv, encoder_mask) -> torch.Tensor | None:
+def run(plan, model, x: torch.Tensor, cache, cross_kv=None, encoder_mask=None):
     """Logits ``[R, vocab]`` of one step (``x``: the step's embeddings ``[R, 1, d]``, a
-    fresh tensor that the step overwrites), or None when this step's inputs need the
-    module path."""
+    fresh tensor that the step overwrites; ``cross_kv``/``encoder_mask`` for an
+    encoder-decoder), or None when this step's inputs need the module path."""
     if (model.training or x.dtype != torch.float32 or x.shape[1] != 1
             or not x.is_contiguous() or cache.k.dtype != torch.float32
             or not cache.k.is_contiguous()
             or (encoder_mask is not None and encoder_mask.dtype != torch.bool)):
         return None
-    views = _cross_views(cross_kv)
+    views = ([], []) if cross_kv is None else _cross_views(cross_kv)
     if views is None:
         return None
-    rope = model.decoder[0].self_attn.rope
+    blocks, _, cross = _blocks(model)
+    rope = (blocks[0].self_attn if cross else blocks[0].attn).rope
     head_dim = model.config.head_dim
     if rope.needs_positions_max():  # dynamic NTK: the base at this step's length
         base = rope.base(head_dim, int(cache.lens.max()) + 1)
