@@ -221,6 +221,10 @@ def test_int8_linear_nonfinite_rows_give_nan(m, seed):
 
 def test_int8_linear_errors_and_empty_input():
     q = Int8Linear.from_float(torch.nn.Linear(8, 4))
+    with pytest.raises(RuntimeError, match="inference-only"):
+        q(torch.randn(2, 8, requires_grad=True))
+    with torch.no_grad():
+        assert q(torch.randn(2, 8, requires_grad=True)).shape == (2, 4)
     expected = r"expected a CPU torch.float32 input \[\.\.\., 8\]"
     with pytest.raises(ValueError, match=expected):
         q(torch.randn(2, 8, dtype=torch.bfloat16))

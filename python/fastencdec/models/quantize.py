@@ -268,6 +268,10 @@ class Int8Linear(_PackedLinear):
         if (x.dtype is not torch.float32 or not x.is_cpu or x.dim() == 0 or x.shape[-1] != k
                 or self._packed is None):
             self._check_input(x, torch.float32)  # raises, naming what is wrong
+        if x.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError("Int8Linear is inference-only (no gradient flows through int8 "
+                               "weights); call it under torch.no_grad() or train the float "
+                               "model")
         if torch.compiler.is_compiling():
             raise RuntimeError("Int8Linear runs a C++ kernel that torch.compile cannot trace; "
                                "an int8 model's decode step already runs in one C++ call "
