@@ -38,6 +38,22 @@ def _logits_per_step(model, monkeypatch, fast: bool, **kwargs):
     return tokens, seen
 
 
+def _assert_paths_agree(model, monkeypatch, seed, x, mask, new_tokens, steps):
+    """Sampled generation (different tokens per row, pad included: the cache's key mask),
+    two return sequences per prompt: the C++ step and the module path give bitwise-equal
+    logits at every step and the same tokens."""
+    kwargs = dict(input_ids=x, attention_mask=mask, max_new_tokens=new_tokens,
+                  eos_token_id=(), do_sample=True, temperature=1.5, num_return_sequences=2)
+    fast_tokens, fast = _logits_per_step(
+        model, monkeypatch, True, generator=torch.Generator().manual_seed(seed), **kwargs)
+    slow_tokens, slow = _logits_per_step(
+        model, monkeypatch, False, generator=torch.Generator().manual_seed(seed), **kwargs)
+    assert len(fast) == len(slow) == steps
+    for step, (a, b) in enumerate(zip(fast, slow, strict=True)):
+        assert torch.equal(a, b), f"step {step}: max diff {(a - b).abs().max():.3g}"
+    assert torch.equal(fast_tokens, slow_tokens)
+
+
 CASES = [
     dict(),                                           # GQA 4/2, biases, 1 decoder layer
     dict(n_decoder_layers=3, attn_bias=False),
@@ -63,17 +79,7 @@ def test_cpp_step_equals_the_module_path(case, threads, seed, monkeypatch):
     mask = torch.ones_like(x, dtype=torch.bool)
     mask[1, 11:] = False  # padding: the encoder mask reaches the cross-attention
     mask[2, :4] = False
-    # sampling draws different tokens per row (pad included: the cache's key mask)
-    kwargs = dict(input_ids=x, attention_mask=mask, max_new_tokens=9, eos_token_id=(),
-                  do_sample=True, temperature=1.5, num_return_sequences=2)
-    fast_tokens, fast = _logits_per_step(
-        model, monkeypatch, True, generator=torch.Generator().manual_seed(seed), **kwargs)
-    slow_tokens, slow = _logits_per_step(
-        model, monkeypatch, False, generator=torch.Generator().manual_seed(seed), **kwargs)
-    assert len(fast) == len(slow) == 9
-    for step, (a, b) in enumerate(zip(fast, slow, strict=True)):
-        assert torch.equal(a, b), f"step {step}: max diff {(a - b).abs().max():.3g}"
-    assert torch.equal(fast_tokens, slow_tokens)
+    _assert_paths_agree(model, monkeypatch, seed, x, mask, new_tokens=9, steps=9)
 
 
 def test_plan_follows_the_weights(seed):
@@ -140,13 +146,4 @@ def test_decoder_only_cpp_step_equals_the_module_path(case, threads, seed, monke
     x = torch.randint(3, config.vocab_size, (3, 11), generator=gen)
     mask = torch.ones_like(x, dtype=torch.bool)
     mask[1, 7:] = False  # prompts of different lengths
-    kwargs = dict(input_ids=x, attention_mask=mask, max_new_tokens=7, eos_token_id=(),
-                  do_sample=True, temperature=1.5, num_return_sequences=2)
-    fast_tokens, fast = _logits_per_step(
-        model, monkeypatch, True, generator=torch.Generator().manual_seed(seed), **kwargs)
-    slow_tokens, slow = _logits_per_step(
-        model, monkeypatch, False, generator=torch.Generator().manual_seed(seed), **kwargs)
-    assert len(fast) == len(slow) == 6
-    for step, (a, b) in enumerate(zip(fast, slow, strict=True)):
-        assert torch.equal(a, b), f"step {step}: max diff {(a - b).abs().max():.3g}"
-    assert torch.equal(fast_tokens, slow_tokens)
+    _assert_paths_agree(model, monkeypatch, seed, x, mask, new_tokens=7, steps=6)

@@ -136,7 +136,6 @@ constexpr int NV = 2;  // 64-byte halves (16 int32 lanes each) of a panel's 128 
 #if defined(FED_ISA_AVX512)
 // AVX512-VNNI: vpdpbusd multiplies u8 x s8 in fours into int32 lanes; x holds xq + 128,
 // so 128 * the row sums come off at the end.
-using XVnni = uint8_t;
 template <int MC>
 __attribute__((target("avx512vnni"))) void dot_vnni(const uint8_t* x, int64_t xs,
                                                    const int8_t* w, int64_t Kq,
