@@ -105,7 +105,7 @@ def test_int8_linear_matches_float(k, n, bias, seed):
 
 def _int8_paths() -> list[str]:
     try:
-        from conftest import RUNNABLE_ISAS, _CPP
+        from conftest import _CPP, RUNNABLE_ISAS
     except ImportError:  # pragma: no cover
         return []
     paths = list(RUNNABLE_ISAS)
