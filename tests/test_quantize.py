@@ -32,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Relative (Frobenius) error bounds of one linear layer vs float64, random Gaussian
 # weights and inputs. int8: weight rounding (step max|w_row| / 127) and activation
-# rounding (step max|x_row| / 127.5) each give ~0.6-0.8% for Gaussian rows; bf16
+# rounding (step max|x_row| / 127) each give ~0.6-0.8% for Gaussian rows; bf16
 # rounds weights and inputs (2^-9 relative each) and the output.
 LINEAR_RTOL = {"int8": 2.5e-2, "bf16": 1.5e-2}
 
