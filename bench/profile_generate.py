@@ -16,8 +16,9 @@ touching model code:
   ``decode_attention``, ``append_kv_cache``, ``apply_rope``) are wrapped in regions
   for the run, and ``fastencdec::*`` custom-op events count too: C++ kernels called
   through pybind11 are invisible to the profiler, the region around them is not;
-  likewise the int8 GEMM kernel (``models.quantize._int8_linear``) gets a region,
-  charged like a matmul op to the module that called it; an int8 model's one-call C++
+  likewise the int8 and bf16 GEMM kernels (``models.quantize._int8_linear``,
+  ``_bf16_linear``) get a region, charged like a matmul op to the module that called
+  it; an int8/bf16 model's one-call C++
   decode step (``models.decoder_step.run``) is one category of its own, whose inside
   the profiler cannot split (``--module-path`` profiles the same model module by
   module instead);
@@ -51,9 +52,9 @@ CATEGORIES = ("C++ decode step", "encoder GEMMs", "decoder GEMMs", "LM head", "a
               "norms/activations", "other ops", "overhead")
 WRAPPED_OPS = ("self_attention", "cross_attention", "decode_attention", "append_kv_cache",
                "apply_rope")
-WRAPPED_GEMMS = ("_int8_linear",)  # models.quantize's C++ GEMM entry points
+WRAPPED_GEMMS = ("_int8_linear", "_bf16_linear")  # models.quantize's C++ GEMM entry points
 LABEL = "fed::"
-STEP = f"{LABEL}step::decoder"  # models.decoder_step.run: a whole int8 decode step in C++
+STEP = f"{LABEL}step::decoder"  # models.decoder_step.run: a whole int8/bf16 decode step in C++
 MATMUL_RE = re.compile(r"linear|addmm|(^|::)mm$|matmul|bmm|int8pack|_int_mm|gemm|qlinear")
 
 

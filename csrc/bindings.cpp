@@ -315,11 +315,12 @@ PYBIND11_MODULE(_C, m) {
         "RMSNorm of x [rows, dim] (storage dtype) with fp32 weight [dim] into out (same "
         "shape and storage), computed in fp32.");
   fastencdec::bind::register_int8_linear(m);
+  fastencdec::bind::register_bf16_linear(m);
   fastencdec::bind::register_decoder_step(m);
   m.def("active_isa", [] { return std::string(fastencdec::cpu::isa_name(fastencdec::cpu::active_isa())); },
         "ISA the kernels run with (honours FASTENCDEC_CPU_ISA).");
   m.def("reset_isa", &fastencdec::cpu::reset_isa,
-        "Re-read FASTENCDEC_CPU_ISA (and FASTENCDEC_CPU_VNNI).");
+        "Re-read FASTENCDEC_CPU_ISA (and FASTENCDEC_CPU_VNNI, FASTENCDEC_CPU_BF16DOT).");
   m.def("int8_vnni", &fastencdec::cpu::use_vnni,
         "Whether the int8 kernels use AVX512-VNNI (off with FASTENCDEC_CPU_VNNI=0).");
   m.def("compiled_isas", [] { return std::string(fastencdec::cpu::compiled_isas()); });

@@ -1,5 +1,6 @@
-"""The int8 decode step in one C++ call (models/decoder_step.py) against the module path:
-the same kernels in the same order, so every step's logits must be bitwise equal."""
+"""The int8 and bf16 decode steps in one C++ call (models/decoder_step.py) against the
+module path: the same kernels in the same order, so every step's logits must be bitwise
+equal."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from _helpers import randomize
 from fastencdec import DecoderOnlyConfig, DecoderOnlyLM, EncDecConfig, EncoderDecoderLM
 from fastencdec.models import decoder_step
-from fastencdec.models.quantize import Int8Linear, to_inference
+from fastencdec.models.quantize import Bf16Linear, Int8Linear, to_inference
 
 pytest.importorskip("fastencdec._C")
 
@@ -61,6 +62,9 @@ CASES = [
 ]
 
 
+FORMATS = ["int8", "bf16"]
+
+
 @pytest.fixture(params=[1, 2])
 def threads(request):
     old = torch.get_num_threads()
@@ -69,11 +73,12 @@ def threads(request):
     torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_cpp_step_equals_the_module_path(case, threads, seed, monkeypatch):
+def test_cpp_step_equals_the_module_path(case, fmt, threads, seed, monkeypatch):
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = to_inference(randomize(EncoderDecoderLM(TINY.replace(**CASES[case]))), "int8")
+    model = to_inference(randomize(EncoderDecoderLM(TINY.replace(**CASES[case]))), fmt)
     assert decoder_step.step_plan(model) is not None
     x = torch.randint(3, TINY.vocab_size, (3, 19), generator=gen)
     mask = torch.ones_like(x, dtype=torch.bool)
@@ -82,9 +87,10 @@ def test_cpp_step_equals_the_module_path(case, threads, seed, monkeypatch):
     _assert_paths_agree(model, monkeypatch, seed, x, mask, new_tokens=9, steps=9)
 
 
-def test_plan_follows_the_weights(seed):
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_plan_follows_the_weights(fmt, seed):
     torch.manual_seed(seed)
-    model = to_inference(randomize(EncoderDecoderLM(TINY)), "int8")
+    model = to_inference(randomize(EncoderDecoderLM(TINY)), fmt)
     plan = decoder_step.step_plan(model)
     assert plan is not None and decoder_step.step_plan(model) is plan  # cached
     model.load_state_dict(model.state_dict())  # packs again: a new plan
@@ -93,7 +99,7 @@ def test_plan_follows_the_weights(seed):
     before = model.generate(x, max_new_tokens=4, eos_token_id=())
     lm_head = model.lm_head
     plain = lm_head.unpacked()
-    lm_head.pack(weight=-plain["weight"], weight_scale=plain["weight_scale"])
+    lm_head.pack(**dict(plain, weight=-plain["weight"]))
     after = model.generate(x, max_new_tokens=4, eos_token_id=())
     assert not torch.equal(before, after), "the repacked LM head was not used"
 
@@ -107,19 +113,24 @@ def test_models_without_a_plan(seed):
     unfused = to_inference(randomize(EncoderDecoderLM(TINY)), "int8", fuse=False)
     assert decoder_step.step_plan(unfused) is None
     assert isinstance(unfused.lm_head, Int8Linear)
+    unfused = to_inference(randomize(EncoderDecoderLM(TINY)), "bf16", fuse=False)
+    assert decoder_step.step_plan(unfused) is None
+    assert isinstance(unfused.lm_head, Bf16Linear)
 
 
-def test_compiling_an_int8_model_is_a_clear_error(seed):
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_compiling_an_int8_or_bf16_model_is_a_clear_error(fmt, seed):
     torch.manual_seed(seed)
-    model = to_inference(randomize(EncoderDecoderLM(TINY)), "int8")
-    x = torch.randn(2, 3, TINY.d_model)
+    model = to_inference(randomize(EncoderDecoderLM(TINY)), fmt)
+    x = torch.randn(2, 3, TINY.d_model).to(torch.bfloat16 if fmt == "bf16" else torch.float32)
     with pytest.raises(Exception, match="torch.compile cannot trace"):
         torch.compile(model.lm_head, fullgraph=True)(x)
 
 
-def test_plan_survives_copies_and_follows_replaced_tensors(seed, monkeypatch):
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_plan_survives_copies_and_follows_replaced_tensors(fmt, seed, monkeypatch):
     torch.manual_seed(seed)
-    model = to_inference(randomize(EncoderDecoderLM(TINY)), "int8")
+    model = to_inference(randomize(EncoderDecoderLM(TINY)), fmt)
     x = torch.randint(3, TINY.vocab_size, (2, 7))
     tokens = model.generate(x, max_new_tokens=4, eos_token_id=())
     clone = copy.deepcopy(model)  # the plan cache is not part of the model
@@ -136,12 +147,13 @@ def test_plan_survives_copies_and_follows_replaced_tensors(seed, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("case", [dict(), dict(n_layers=3, attn_bias=False)])
-def test_decoder_only_cpp_step_equals_the_module_path(case, threads, seed, monkeypatch):
+def test_decoder_only_cpp_step_equals_the_module_path(case, fmt, threads, seed, monkeypatch):
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     config = DecoderOnlyConfig.twin_of(TINY).replace(**case)
-    model = to_inference(randomize(DecoderOnlyLM(config)), "int8")
+    model = to_inference(randomize(DecoderOnlyLM(config)), fmt)
     assert decoder_step.step_plan(model) is not None
     x = torch.randint(3, config.vocab_size, (3, 11), generator=gen)
     mask = torch.ones_like(x, dtype=torch.bool)

@@ -114,9 +114,27 @@ bool use_vnni() {
   return v != 0;
 }
 
+static std::atomic<int> g_bf16_dot{-1};
+
+bool use_bf16_dot() {
+  int v = g_bf16_dot.load();
+  if (v < 0) {
+#if defined(__x86_64__) || defined(_M_X64)
+    const char* env = std::getenv("FASTENCDEC_CPU_BF16DOT");
+    v = active_isa() == Isa::kAvx512 && __builtin_cpu_supports("avx512bf16") &&
+        !(env != nullptr && std::string(env) == "0");
+#else
+    v = 0;
+#endif
+    g_bf16_dot.store(v);
+  }
+  return v != 0;
+}
+
 void reset_isa() {
   g_isa.store(-1);
   g_vnni.store(-1);
+  g_bf16_dot.store(-1);
 }
 
 }  // namespace fastencdec::cpu

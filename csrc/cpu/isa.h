@@ -27,4 +27,8 @@ bool cpu_supports(Isa isa);
 // Re-read by reset_isa() like the ISA.
 bool use_vnni();
 
+// Whether the bf16 kernels use AVX512_BF16 (vdpbf16ps): the active ISA is avx512, the
+// CPU has it, and FASTENCDEC_CPU_BF16DOT is not "0". Re-read by reset_isa().
+bool use_bf16_dot();
+
 }  // namespace fastencdec::cpu

@@ -89,6 +89,26 @@ struct Int8LinearProblem {
   int num_threads = 1;
 };
 
+// The bf16 linear layer (kernels/bf16_linear.cpp): out [rows, out_features] =
+//   act(sum_k x[m, k] w[n, k] + bias[n])
+// with x [rows, in_features], w and bias bf16; each product is exact in fp32 and the
+// sum runs in fp32, k pair by k pair (k odd, then k even, as AVX512_BF16's vdpbf16ps
+// adds them; every ISA path keeps that order). out is bf16 (rounded once, to nearest
+// even) or fp32. Rows are computed independently of each other and of the blocking
+// and thread count. weight: bf16 [ceil(N / 32), ceil(K / 2), 32, 2] panels,
+// weight[p, q, c, r] = W[32 p + c, 2 q + r] (zero padded): a panel of 32 output
+// columns is read front to back, 128 bytes per 2 k.
+struct Bf16LinearProblem {
+  const uint16_t* x = nullptr;       // bf16 bits [rows, in_features]
+  const uint16_t* weight = nullptr;  // bf16 bits, panels as above
+  const uint16_t* bias = nullptr;    // bf16 bits [out_features] or null
+  void* out = nullptr;               // [rows, out_features]: bf16 bits or fp32
+  bool out_f32 = false;
+  int64_t rows = 0, in_features = 0, out_features = 0;
+  bool gelu = false;  // GELU-tanh after the bias (in fp32, before the output rounding)
+  int num_threads = 1;
+};
+
 }  // namespace fastencdec::cpu
 
 #define FED_DECLARE_KERNELS(NS)                                                          \
@@ -106,6 +126,8 @@ struct Int8LinearProblem {
   void rms_norm(const RmsNormProblem& problem);                                          \
   /* The int8 linear layer: row quantisation, GEMM/GEMV and epilogue in one call. */  \
   void int8_linear(const Int8LinearProblem& problem);                                    \
+  /* The bf16 linear layer: GEMM/GEMV and epilogue in one call. */                     \
+  void bf16_linear(const Bf16LinearProblem& problem);                                    \
   }
 
 FED_DECLARE_KERNELS(scalar)

@@ -101,7 +101,7 @@ class DecoderOnlyLM(PretrainedMixin, nn.Module):
             last = (cache.lens_after.long() - 1)[:, None, None].expand(-1, 1, x.shape[2])
             return self.lm_head(self.norm(x.gather(1, last)[:, 0]))
         plan = None if torch.compiler.is_compiling() else decoder_step.step_plan(self)
-        if plan is not None:  # int8: the whole step in one C++ call
+        if plan is not None:  # int8/bf16: the whole step in one C++ call
             logits = decoder_step.run(plan, self, x, cache)
             if logits is not None:
                 return logits

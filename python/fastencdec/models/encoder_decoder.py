@@ -137,7 +137,7 @@ class EncoderDecoderLM(PretrainedMixin, nn.Module):
         if cache.recomputing:  # dynamic NTK past the trained length: as the reference does
             return self._decode_everything(cache, cross_kv, encoder_mask)
         plan = None if torch.compiler.is_compiling() else decoder_step.step_plan(self)
-        if plan is not None:  # int8: the whole step in one C++ call
+        if plan is not None:  # int8/bf16: the whole step in one C++ call
             logits = decoder_step.run(plan, self, x, cache, cross_kv, encoder_mask)
             if logits is not None:
                 return logits

@@ -6,9 +6,9 @@ inference (eval mode, no gradients) and returns it:
 ``fp32``  every weight fp32, ``nn.Linear`` (MKL sgemm/sgemv); the LM head stays tied.
           Activations fp32.
 ``bf16``  every ``nn.Linear`` (attention, MLP and the LM head, which gets its own copy
-          of the embedding) becomes a :class:`Bf16Linear`: bf16 weights held only in
-          oneDNN's packed layout (AVX512_BF16 GEMM/GEMV), bf16 bias. The embedding is
-          bf16 for the lookup. Activations bf16.
+          of the embedding) becomes a :class:`Bf16Linear`: bf16 weights held only in the
+          C++ kernel's packed layout (AVX512_BF16 where present), bf16 bias, fp32 sums.
+          The embedding is bf16 for the lookup. Activations bf16.
 ``int8``  every ``nn.Linear`` (the LM head too, its own copy; the embedding stays fp32
           for the lookup) becomes an :class:`Int8Linear`: int8 weights, symmetric per
           output channel (``scale[n] = max_k |w[n, k]| / 127``, zero point 0), held
@@ -17,9 +17,9 @@ inference (eval mode, no gradients) and returns it:
 
 In every format RMSNorm weights stay fp32 and the norm computes in fp32. The paths were
 chosen by measurement (``bench/bench_linear_cpu.py``) at decode (M = 1-8 rows) and
-encoder (M = 512) sizes: bf16 and fp32 run the fastest path PyTorch ships (oneDNN,
-MKL); int8 runs fastencdec's own kernel, which beats PyTorch's int8 paths at both
-sizes (see :class:`Int8Linear`). A packed weight is the only copy (no
+encoder (M = 512) sizes: fp32 runs the fastest path PyTorch ships (MKL); int8 and bf16
+run fastencdec's own kernels, which beat PyTorch's int8 paths and oneDNN's bf16 GEMV
+at decode sizes and match them at M = 512 (see :class:`Int8Linear`, :class:`Bf16Linear`). A packed weight is the only copy (no
 plain weight is kept beside it): ``state_dict()`` unpacks it, loading packs it.
 
 ``save_inference(model, dir)`` writes ``model.safetensors`` (int8 weights + scales for
@@ -51,10 +51,11 @@ from .pretrained import (
 
 FORMATS = ("fp32", "bf16", "int8")
 
-try:  # Int8Linear's kernel
+try:  # Int8Linear's and Bf16Linear's kernels
+    from fastencdec._C import bf16_linear as _bf16_linear
     from fastencdec._C import int8_linear as _int8_linear
 except ImportError:  # pragma: no cover - the compiled module is part of the package
-    _int8_linear = None
+    _int8_linear = _bf16_linear = None
 INT8_MAX_IN_FEATURES = 65536  # int32 sums stay exact (and the kernel's u8 offset fits)
 FORMAT_KEY = "fastencdec_weight_format"  # safetensors metadata: the format
 TIED_KEY = "fastencdec_tied"  # safetensors metadata: JSON {alias: stored name}
@@ -188,6 +189,18 @@ class _PackedLinear(nn.Module):
                 f"bias={self.bias is not None}")
 
 
+def _inference_only(module: nn.Module, x: torch.Tensor) -> None:
+    """The packed layers run C++ kernels: no autograd, no torch.compile tracing."""
+    name = type(module).__name__
+    if x.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(f"{name} is inference-only (no gradient flows through packed "
+                           f"weights); call it under torch.no_grad() or train the float model")
+    if torch.compiler.is_compiling():
+        raise RuntimeError(f"{name} runs a C++ kernel that torch.compile cannot trace; an "
+                           f"int8/bf16 model's decode step already runs in one C++ call "
+                           f"(compile fp32 models)")
+
+
 class Int8Linear(_PackedLinear):
     """``y = x @ (q * weight_scale[:, None]).T + bias`` with int8 ``q`` per output channel.
 
@@ -267,14 +280,7 @@ class Int8Linear(_PackedLinear):
         if (x.dtype is not torch.float32 or not x.is_cpu or x.dim() == 0 or x.shape[-1] != k
                 or self._packed is None):
             self._check_input(x, torch.float32)  # raises, naming what is wrong
-        if x.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError("Int8Linear is inference-only (no gradient flows through int8 "
-                               "weights); call it under torch.no_grad() or train the float "
-                               "model")
-        if torch.compiler.is_compiling():
-            raise RuntimeError("Int8Linear runs a C++ kernel that torch.compile cannot trace; "
-                               "an int8 model's decode step already runs in one C++ call "
-                               "(compile fp32/bf16 models)")
+        _inference_only(self, x)
         x2 = x.detach().reshape(-1, k)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
@@ -307,28 +313,34 @@ class Int8Linear(_PackedLinear):
         return super().extra_repr() + ", weight=int8 per-channel (32-column panels)"
 
 
-def _mkldnn_bf16() -> bool:
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
 class Bf16Linear(_PackedLinear):
-    """``y = x @ weight.T + bias`` in bf16 (fp32 accumulation inside oneDNN).
+    """``y = x @ weight.T + bias`` with bf16 ``x``, ``weight``, ``bias`` and ``y``.
 
-    State: ``weight`` bf16 ``[N, K]``, ``bias`` bf16 ``[N]`` or None. Input and output
-    bf16. The weight is held in oneDNN's packed layout (``mkldnn._linear_pointwise``,
-    the path ``torch.compile`` uses on CPU): measured 1.3-1.7x faster than ``F.linear``
-    on the same bf16 weights for the MLP, attention and LM head GEMVs (M = 1-8) and
-    up to 1.1x for M = 512 GEMMs. On a CPU where oneDNN has no bf16 kernel the weight
-    stays plain, for ``F.linear``.
+    State: ``weight`` bf16 ``[N, K]`` (held only in the kernel's packed layout),
+    ``bias`` bf16 ``[N]`` or None. Input and output bf16, any leading dims.
+
+    Each product is exact in fp32 and the sums run in fp32; the bias is added (and the
+    GELU-tanh applied when ``activation`` is "gelu_tanh": an MLP's first layer takes
+    over the activation) in fp32 before the one rounding to bf16. One C++ call does it
+    all (``_C.bf16_linear``: AVX512_BF16 ``vdpbf16ps`` where the CPU has it, else the
+    same sums in the same order through FMAs on AVX-512, AVX2, NEON or scalar code), for
+    decoding and the encoder alike; a row's result is bitwise the same alone or in any
+    batch, on any thread count and on every ISA path.
+
+    Why our own kernel and not oneDNN's bf16 linear (``bench/bench_linear_cpu.py``): the
+    weights are packed like :class:`Int8Linear`'s, in panels of 32 output columns read
+    front to back, which streams faster than oneDNN's packed GEMV at M = 1-8 (1.2-2.6x
+    on mu-330m's layers, measured) and matches it at M = 512; and the one-call decode
+    step (``models/decoder_step.py``) runs the same kernel.
     """
 
     packed_dtypes = {"weight": torch.bfloat16}
-    _BATCH_HINT = 8  # oneDNN picks the packed layout for this M; fine for 1..512 rows
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
         super().__init__(in_features, out_features, device)
         bias_t = torch.zeros(out_features, dtype=torch.bfloat16, device=device) if bias else None
         self.register_buffer("bias", bias_t)
+        self.activation: str | None = None  # "gelu_tanh": fused into the epilogue
 
     @classmethod
     def from_float(cls, linear: nn.Linear, name: str = "linear") -> Bf16Linear:
@@ -339,24 +351,52 @@ class Bf16Linear(_PackedLinear):
         return module
 
     def _pack(self, weight):
-        if _mkldnn_bf16():
-            return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), self._BATCH_HINT)
-        return weight.clone()
+        n, k = weight.shape
+        n_pad, k_pad = -(-n // 32) * 32, -(-k // 2) * 2
+        plain = torch.zeros(n_pad, k_pad, dtype=torch.bfloat16)
+        plain[:n, :k] = weight
+        # panels[p, q, c, r] = W[32 p + c, 2 q + r]: 32 output columns, 2 k per 128 bytes
+        panels = plain.view(n_pad // 32, 32, k_pad // 2, 2).permute(0, 2, 1, 3).contiguous()
+        return {"panels": panels, "args": (panels.view(torch.uint16).numpy(),)}
 
     def _unpack(self):
-        return {"weight": self._packed.to_dense() if self._packed.is_mkldnn
-                else self._packed.clone()}
+        panels = self._packed["panels"]
+        plain = panels.permute(0, 2, 1, 3).reshape(panels.shape[0] * 32, panels.shape[1] * 2)
+        return {"weight": plain[:self.out_features, :self.in_features].clone()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x, torch.bfloat16)
-        if not self._packed.is_mkldnn:
-            return F.linear(x, self._packed, self.bias)
-        if x.shape[0] == 0 or x.numel() == 0:
-            return x.new_zeros(*x.shape[:-1], self.out_features)
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+        k = self.in_features
+        if (x.dtype is not torch.bfloat16 or not x.is_cpu or x.dim() == 0 or x.shape[-1] != k
+                or self._packed is None):
+            self._check_input(x, torch.bfloat16)  # raises, naming what is wrong
+        _inference_only(self, x)
+        x2 = x.detach().reshape(-1, k)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        y = torch.empty(x2.shape[0], self.out_features, dtype=torch.bfloat16)
+        if _bf16_linear is None:  # pragma: no cover - the compiled module is part of the package
+            y = self.forward_eager(x2)
+        elif x2.shape[0]:
+            bias = self.bias
+            _bf16_linear(x2.view(torch.uint16).numpy(), *self._packed["args"],
+                         None if bias is None else bias.view(torch.uint16).numpy(),
+                         y.view(torch.uint16).numpy(), self.activation == "gelu_tanh",
+                         torch.get_num_threads())
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        """The same computation in torch ops, in float64 (a reference: the kernel sums in
+        fp32, so results agree to fp32 rounding before the final bf16 rounding):
+        ``x`` ``[M, K]`` bf16."""
+        y = x.double() @ self.unpacked()["weight"].double().t()
+        if self.bias is not None:
+            y = y + self.bias.double()
+        if self.activation == "gelu_tanh":
+            y = F.gelu(y, approximate="tanh")
+        return y.to(torch.bfloat16)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + ", weight=bf16 (oneDNN packed)"
+        return super().extra_repr() + ", weight=bf16 (32-column panels)"
 
 
 _MODULES = {"bf16": Bf16Linear, "int8": Int8Linear}
@@ -488,14 +528,14 @@ def fuse_projections(model: nn.Module) -> nn.Module:
     """Replace each self-attention's q/k/v projections by one fused layer (``qkv_proj``):
     one GEMV instead of three per layer in decoding, where the small ones cost more in
     fixed per-call work than in weights. The weights move, they are not copied. An
-    int8 MLP's first layer also takes over the GELU that follows it (its epilogue)."""
+    int8/bf16 MLP's first layer also takes over the GELU that follows it (its epilogue)."""
     for module in list(model.modules()):  # the loop edits the module tree
         if isinstance(module, SelfAttention) and _PARTS[0] in module._modules:
             fused = fuse_linears(*(module._modules[name] for name in _PARTS))
             for name in _PARTS:
                 delattr(module, name)
             module.qkv_proj = fused
-        if isinstance(module, GeluMLP) and isinstance(module.fc1, Int8Linear):
+        if isinstance(module, GeluMLP) and isinstance(module.fc1, (Int8Linear, Bf16Linear)):
             module.fc1.activation = "gelu_tanh"
     return model
 
