@@ -365,10 +365,11 @@ def test_bf16_kernel_matches_float64(bf16_path, m, k, n, gelu, seed):
 @pytest.mark.parametrize("m,k,n", [(5, 7, 33), (17, 1000, 70), (3000, 96, 50)])
 def test_bf16_kernel_is_the_same_on_every_path(m, k, n, seed, monkeypatch):
     """Every ISA path adds the same exact products in the same order: bitwise equal
-    results, alone or in a batch, on 1 or 2 threads."""
+    results, alone or in a batch, on 1 or 2 threads. (Without the GELU: its exp is each
+    ISA's own, equal to a few ulps; test_bf16_kernel_matches_float64 bounds it.)"""
     from conftest import _CPP
 
-    b, x = _bf16_case(m, k, n, True, seed)
+    b, x = _bf16_case(m, k, n, False, seed)
     want = b(x)
     for path in _bf16_paths():
         isa, _, no_dot = path.partition("-")

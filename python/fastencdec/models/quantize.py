@@ -325,7 +325,7 @@ class Bf16Linear(_PackedLinear):
     all (``_C.bf16_linear``: AVX512_BF16 ``vdpbf16ps`` where the CPU has it, else the
     same sums in the same order through FMAs on AVX-512, AVX2, NEON or scalar code), for
     decoding and the encoder alike; a row's result is bitwise the same alone or in any
-    batch, on any thread count and on every ISA path.
+    batch and on any thread count, and its sums are bitwise the same on every ISA path.
 
     Why our own kernel and not oneDNN's bf16 linear (``bench/bench_linear_cpu.py``): the
     weights are packed like :class:`Int8Linear`'s, in panels of 32 output columns read
