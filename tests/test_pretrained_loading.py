@@ -225,3 +225,44 @@ def test_header_check_accepts_what_save_pretrained_wrote(tmp_path, model_cls, ti
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(),
                                  strict=True):
         assert torch.equal(a, b), name
+
+
+def test_on_meta_builds_without_initialising_and_restores_the_initialisers():
+    from torch import nn
+
+    from fastencdec.models.meta_init import on_meta
+
+    before = nn.init.normal_
+    with pytest.raises(RuntimeError, match="inside"):
+        with on_meta():
+            model = EncoderDecoderLM(TINY)
+            assert nn.init.normal_ is not before
+            raise RuntimeError("inside")
+    assert nn.init.normal_ is before
+    assert all(p.is_meta for p in model.parameters())
+    # a model built afterwards is initialised again
+    torch.manual_seed(0)
+    assert EncoderDecoderLM(TINY).embed.weight.std() > 0
+
+
+def test_loading_and_serving_import_neither_dynamo_nor_triton(tmp_path, seed):
+    """Building on ``meta`` once ran ``nn.init.normal_`` through PyTorch's Python
+    decompositions, importing ``torch._dynamo`` and Triton: ~150 MiB resident in every
+    process that only loads a model and generates."""
+    import subprocess
+    import sys
+
+    _, directory = saved(tmp_path)
+    script = (
+        "import sys, torch, fastencdec\n"
+        "from fastencdec.models.quantize import to_inference, save_inference, load_inference\n"
+        f"d = {str(directory)!r}\n"
+        "m = fastencdec.EncoderDecoderLM.from_pretrained(d)\n"
+        "m = to_inference(m, 'int8'); save_inference(m, d + '-int8')\n"
+        "m = load_inference(d + '-int8')\n"
+        "m.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, eos_token_id=())\n"
+        "print(sorted(n for n in ('torch._dynamo', 'triton') if n in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout

@@ -40,6 +40,7 @@ import torch
 
 from .argcheck import positive_int
 from .models import EncDecConfig, EncoderDecoderLM
+from .models.meta_init import on_meta
 
 _ATTN = {"q_linear": "q_proj", "k_linear": "k_proj", "v_linear": "v_proj", "out_linear": "out_proj"}
 _RULES = [  # (reference name pattern, fastencdec name template)
@@ -376,7 +377,7 @@ def import_mu_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype = torch.
         if perm is not None:
             tensor = _permute_heads(new, tensor, perm, config.head_dim)
         converted[new] = tensor.to(device=device, dtype=dtype).contiguous()
-    with torch.device("meta"):
+    with on_meta():
         model = EncoderDecoderLM(config)
     return model.load_weights(converted, source=source)
 

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .backend import ops_backend
+from .meta_init import on_meta
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -103,7 +104,7 @@ def check_weights_header(model_cls, config, header: dict[str, tuple[str, tuple[i
             f"stack, against {held:,} stored values; d_model={config.d_model}, d_ff={config.d_ff}, "
             f"vocab_size={config.vocab_size}, n_heads={config.n_heads}, "
             f"head_dim={config.head_dim})")
-    with torch.device("meta"):
+    with on_meta():
         small = model_cls(small_config)
     lists = _layer_lists(small, config)
     params = small.state_dict(keep_vars=True)
@@ -237,7 +238,7 @@ class PretrainedMixin:
             raise ValueError(f"{weights}: cannot read the tensors ({err})") from err
         if dtype is not None:
             state = {k: v.to(dtype) for k, v in state.items()}
-        with torch.device("meta"):
+        with on_meta():
             model = cls(config)
         return model.load_weights(state, source=str(weights))
 

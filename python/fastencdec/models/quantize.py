@@ -19,8 +19,9 @@ In every format RMSNorm weights stay fp32 and the norm computes in fp32. The pat
 chosen by measurement (``bench/bench_linear_cpu.py``) at decode (M = 1-8 rows) and
 encoder (M = 512) sizes: fp32 runs the fastest path PyTorch ships (MKL); int8 and bf16
 run fastencdec's own kernels, which beat PyTorch's int8 paths and oneDNN's bf16 GEMV
-at decode sizes and match them at M = 512 (see :class:`Int8Linear`, :class:`Bf16Linear`). A packed weight is the only copy (no
-plain weight is kept beside it): ``state_dict()`` unpacks it, loading packs it.
+at decode sizes and match them at M = 512 (see :class:`Int8Linear`, :class:`Bf16Linear`).
+A packed weight is the only copy (no plain weight is kept beside it): ``state_dict()``
+unpacks it, loading packs it.
 
 ``save_inference(model, dir)`` writes ``model.safetensors`` (int8 weights + scales for
 ``int8``) with the format in the file's metadata, plus ``config.json``;
@@ -41,6 +42,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .layers import GeluMLP, SelfAttention
+from .meta_init import on_meta
 from .pretrained import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -649,7 +651,7 @@ def load_inference(directory: str | os.PathLike, dtype: str | None = None) -> nn
                   for name, (dtype, shape) in header.items()
                   if not name.endswith(".weight_scale")}
     check_weights_header(cls, config, float_view, str(weights), str(config_path))
-    with torch.device("meta"):
+    with on_meta():
         model = cls(config)
     _convert(model, stored_fmt, quantize=False)
     expected = model.state_dict()

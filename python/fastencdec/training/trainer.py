@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..models.meta_init import on_meta
 from .activation_checkpointing import enable_activation_checkpointing
 from .checkpoint import CheckpointError, CheckpointManager, capture_rng_state, restore_rng_state
 from .config import EVAL_METRICS, TrainConfig
@@ -610,7 +611,7 @@ class Trainer:
             full = full_model_state(self.loss_module, True)
             full = {k.removeprefix("model."): v for k, v in full.items()}
             if self.dist.is_main:
-                with torch.device("meta"):
+                with on_meta():
                     copy = type(student)(student.config)
                 if hasattr(copy, "load_weights"):
                     copy = copy.load_weights(full)

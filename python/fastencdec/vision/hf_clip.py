@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..models.meta_init import on_meta
 from .tower import VisionConfig, VisionTower
 
 __all__ = ["load_hf_clip_vision", "vision_config_from_hf"]
@@ -84,7 +85,7 @@ def load_hf_clip_vision(directory: str | os.PathLike, *, feature_layer: int = -2
         raise FileNotFoundError(f"{cfg_path} not found (not a Hugging Face model folder?)")
     with open(cfg_path, encoding="utf-8") as fh:
         config = vision_config_from_hf(json.load(fh), feature_layer=feature_layer)
-    with torch.device("meta"):
+    with on_meta():
         tower = VisionTower(config)
     expected = tower.state_dict()
     state = {}

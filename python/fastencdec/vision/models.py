@@ -45,6 +45,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..models import DecoderOnlyLM, EncoderDecoderLM, LMOutput
+from ..models.meta_init import on_meta
 from .anyres import ProcessedImage, process_image, stack_images
 from .config import VLMConfig
 from .projector import Projector
@@ -315,7 +316,7 @@ class _VisionLanguageModel(nn.Module):
         state = load_file(str(directory / WEIGHTS_NAME), device=str(device or "cpu"))
         if dtype is not None:
             state = {k: v.to(dtype) for k, v in state.items()}
-        with torch.device("meta"):
+        with on_meta():
             model = cls(config)
         result = model.load_state_dict(state, strict=False, assign=True)
         missing = [k for k in result.missing_keys
