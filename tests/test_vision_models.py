@@ -118,9 +118,12 @@ def test_batch_equals_rows(seed, arch):
 def _greedy_without_cache(model, arch, ids, mask, pixels, crop_mask, n):
     images = dict(image_pixels=pixels, image_crop_mask=crop_mask)
     if arch == "encdec":
+        # a generated pad token is masked in the decoder's input, as generation does
         dec = torch.full((ids.shape[0], 1), TEXT.bos_token_id)
         for _ in range(n):
-            nxt = model(ids, mask, decoder_input_ids=dec, **images).logits[:, -1].argmax(-1)
+            real = dec != TEXT.pad_token_id
+            nxt = model(ids, mask, decoder_input_ids=dec, decoder_attention_mask=real,
+                        **images).logits[:, -1].argmax(-1)
             dec = torch.cat([dec, nxt[:, None]], 1)
         return dec[:, 1:]
     # decoder-only: left-pad the prompts so the last column is always real
