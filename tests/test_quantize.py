@@ -19,6 +19,7 @@ from fastencdec.models.quantize import (
     FORMAT_KEY,
     Bf16Linear,
     Int8Linear,
+    PackedEmbedding,
     fuse_linears,
     load_inference,
     quantize_per_channel,
@@ -444,12 +445,15 @@ def test_to_inference_converts_every_linear(arch, fmt, seed):
             assert isinstance(module, Int8Linear), f"{name} was not quantised"
         else:
             assert module.weight.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[fmt]
-    assert converted.embed.weight.dtype == (torch.bfloat16 if fmt == "bf16" else torch.float32)
-    if fmt == "int8":  # the LM head is its own int8 copy of the (fp32) embedding
-        assert torch.equal(converted.lm_head.weight, quantize_per_channel(model.embed.weight)[0])
-        assert torch.equal(converted.embed.weight, model.embed.weight)
-    elif fmt == "bf16":  # its own packed copy of the bf16 embedding
-        assert torch.equal(converted.lm_head.weight, converted.embed.weight)
+    all_ids = torch.arange(TINY.vocab_size)
+    if fmt == "int8":  # the embedding is the int8 LM head's rows, dequantised
+        q, scale = quantize_per_channel(model.embed.weight)
+        assert torch.equal(converted.lm_head.weight, q)
+        assert isinstance(converted.embed, PackedEmbedding)
+        assert torch.equal(converted.embed(all_ids), q.float() * scale[:, None])
+    elif fmt == "bf16":  # the bf16 LM head's rows: the embedding cast to bf16
+        assert isinstance(converted.embed, PackedEmbedding)
+        assert torch.equal(converted.embed(all_ids), model.embed.weight.to(torch.bfloat16))
     else:
         assert converted.lm_head.weight is converted.embed.weight  # still tied
 
@@ -531,7 +535,10 @@ def test_save_load_round_trip_is_exact(arch, fmt, tmp_path, seed):
     assert want.keys() == got.keys()
     for key in want:
         assert want[key].dtype == got[key].dtype and torch.equal(want[key], got[key]), key
-    assert (loaded.lm_head.weight is loaded.embed.weight) == (fmt == "fp32")
+    if fmt == "fp32":
+        assert loaded.lm_head.weight is loaded.embed.weight
+    else:  # the vocabulary table is held once, in the head's format
+        assert isinstance(loaded.embed, PackedEmbedding) and loaded.embed.head is loaded.lm_head
     ids, dec = torch.randint(3, TINY.vocab_size, (2, 9)), torch.randint(3, TINY.vocab_size, (2, 4))
     assert torch.equal(logits_of(loaded, ids, dec), logits_of(model, ids, dec))
     assert torch.equal(loaded.generate(ids, max_new_tokens=5), model.generate(ids, max_new_tokens=5))
@@ -541,13 +548,51 @@ def test_int8_file_holds_int8_weights_and_scales(tmp_path, seed):
     model = to_inference(tiny("encdec"), "int8")
     save_inference(model, tmp_path)
     tensors = load_file(str(tmp_path / "model.safetensors"))
-    assert tensors["lm_head.weight"].dtype == torch.int8
-    assert tensors["lm_head.weight_scale"].dtype == torch.float32
+    # The tied LM head is stored once, under the embedding's name (as a float file does).
+    assert not any(key.startswith("lm_head.") for key in tensors)
+    assert tensors["embed.weight"].dtype == torch.int8
+    assert tensors["embed.weight_scale"].dtype == torch.float32
     assert tensors["decoder.0.mlp.fc1.weight"].dtype == torch.int8
-    assert tensors["embed.weight"].dtype == torch.float32
     size = (tmp_path / "model.safetensors").stat().st_size
     float_bytes = 4 * sum(p.numel() for p in EncoderDecoderLM(TINY).parameters())
-    assert size < 0.75 * float_bytes  # fp32 embedding + int8 everything else + LM head copy
+    assert size < 0.4 * float_bytes  # int8 weights; fp32 scales, biases and norms
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_files_with_a_separate_float_embedding_still_load(fmt, tmp_path, seed):
+    """Files written before the embedding was read from the head hold a float embedding
+    beside the packed head; they load as written (the embedding stays a float table)."""
+    model = tiny("encdec")
+    converted = to_inference(copy.deepcopy(model), fmt)
+    save_inference(converted, tmp_path / "m")
+    path = tmp_path / "m" / "model.safetensors"
+    tensors = load_file(str(path))
+    old = {("lm_head." + k[len("embed."):] if k.startswith("embed.") else k): v
+           for k, v in tensors.items()}
+    table = model.embed.weight.detach().to(torch.bfloat16 if fmt == "bf16" else torch.float32)
+    old["embed.weight"] = table
+    save_file(old, str(path), metadata={"format": "pt", FORMAT_KEY: fmt,
+                                        "fastencdec_tied": "{}"})
+    loaded = load_inference(tmp_path / "m")
+    assert isinstance(loaded.embed, torch.nn.Embedding)
+    assert torch.equal(loaded.embed.weight, table)
+    assert torch.equal(loaded.lm_head.weight, converted.lm_head.weight)
+    ids = torch.randint(3, TINY.vocab_size, (2, 7))
+    assert loaded.generate(ids, max_new_tokens=4).shape == (2, 4)
+
+
+def test_packed_embedding_checks_its_ids(seed):
+    model = to_inference(tiny("encdec"), "int8")
+    with pytest.raises(IndexError, match=rf"ids must lie in \[0, {TINY.vocab_size}\)"):
+        model.embed(torch.tensor([0, TINY.vocab_size]))
+    with pytest.raises(IndexError, match="ids must lie in"):
+        model.embed(torch.tensor([[-1]]))
+    with pytest.raises(TypeError, match="ids must be an integer tensor"):
+        model.embed(torch.tensor([1.0]))
+    ids = torch.tensor([[3, 4], [5, 3]])
+    out = model.embed(ids)
+    assert out.shape == (2, 2, TINY.d_model) and torch.equal(out[0, 0], out[1, 1])
+    assert model.embed(ids[:0]).shape == (0, 2, TINY.d_model)
 
 
 def test_load_inference_converts_a_float_checkpoint(tmp_path, seed):
@@ -573,13 +618,13 @@ def test_load_inference_errors(tmp_path):
     path = tmp_path / "m" / "model.safetensors"
     tensors = load_file(str(path))
     meta = {"format": "pt", FORMAT_KEY: "int8", "fastencdec_tied": "{}"}
-    bad = dict(tensors, **{"lm_head.weight": tensors["lm_head.weight"].float()})
+    bad = dict(tensors, **{"embed.weight": tensors["embed.weight"].float()})
     save_file(bad, str(path), metadata=meta)
-    with pytest.raises(ValueError, match=r"lm_head\.weight is torch\.float32 .* expected torch\.int8"):
+    with pytest.raises(ValueError, match=r"embed\.weight is torch\.float32 .* expected torch\.int8"):
         load_inference(tmp_path / "m")
-    save_file({k: v for k, v in tensors.items() if k != "lm_head.weight_scale"}, str(path),
+    save_file({k: v for k, v in tensors.items() if k != "embed.weight_scale"}, str(path),
               metadata=meta)
-    with pytest.raises(ValueError, match=r"missing \['lm_head\.weight_scale'\]"):
+    with pytest.raises(ValueError, match=r"missing \['embed\.weight_scale'\]"):
         load_inference(tmp_path / "m")
     save_file(tensors, str(path), metadata=dict(meta, **{FORMAT_KEY: "int3"}))
     with pytest.raises(ValueError, match="unknown weight format 'int3'"):

@@ -321,7 +321,7 @@ def _trim_trailing_padding(x: torch.Tensor, mask: torch.Tensor | None):
 
 
 def _start_encoder_decoder(model, x, mask, s: Settings, cuda_graph):
-    config, weight = model.config, model.embed.weight
+    config, weight = model.config, inputs.embedding_like(model.embed)
     if config.rope_scaling_factor == 1.0:  # dynamic NTK takes the base at the padded length
         x, mask = _trim_trailing_padding(x, mask)
     check_length("input_ids", x.shape[1], config, "the input")
@@ -356,7 +356,7 @@ def _left_align(x: torch.Tensor, mask: torch.Tensor):
 
 
 def _start_decoder_only(model, x, mask, s: Settings, cuda_graph):
-    config, weight = model.config, model.embed.weight
+    config, weight = model.config, inputs.embedding_like(model.embed)
     if mask is None:
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
     x, mask, lens = _left_align(x, mask)
@@ -402,7 +402,7 @@ def generate(model, input_ids=None, attention_mask=None, max_new_tokens: int = 3
     ``b * n + i`` is input ``b``'s ``i``-th sequence; no BOS), ``T <= max_new_tokens``
     (generation stops once every row has ended).
     """
-    config, weight = model.config, model.embed.weight
+    config, weight = model.config, inputs.embedding_like(model.embed)
     x, mask = inputs.embedded("input_ids", input_ids, inputs_embeds, attention_mask,
                               model.embed)
     s = make_settings(config, weight.device, max_new_tokens=max_new_tokens, do_sample=do_sample,

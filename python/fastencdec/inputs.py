@@ -92,12 +92,22 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(1) - 1).clamp(min=0)
 
 
+def embedding_like(embedding) -> torch.Tensor:
+    """A tensor with the dtype and device of the vectors ``embedding`` returns: an
+    ``nn.Embedding``'s weight, or an empty tensor for an embedding without a float
+    table (an int8/bf16 inference model's ``PackedEmbedding``)."""
+    weight = getattr(embedding, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight
+    return torch.empty(0, dtype=embedding.dtype, device=embedding.device)
+
+
 def embedded(name: str, ids, embeds, mask, embedding) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(x [B, L, d_model], bool mask or None)`` from token ids (``name``) through
     ``embedding``, or from ``inputs_embeds`` given directly (exactly one of the two)."""
     if (ids is None) == (embeds is None):
         raise ValueError(f"pass exactly one of {name} and inputs_embeds")
-    weight = embedding.weight
+    weight, width = embedding_like(embedding), embedding.embedding_dim
     if ids is not None:
         ids = token_ids(name, ids, embedding.num_embeddings)
         if ids.device != weight.device:
@@ -105,10 +115,10 @@ def embedded(name: str, ids, embeds, mask, embedding) -> tuple[torch.Tensor, tor
         return embedding(ids), attention_mask("attention_mask", mask, ids)
     if not isinstance(embeds, torch.Tensor) or not embeds.is_floating_point():
         raise TypeError("inputs_embeds must be a floating-point torch.Tensor "
-                        f"[batch, seq, {weight.shape[1]}]")
-    if embeds.dim() != 3 or embeds.shape[2] != weight.shape[1] or 0 in embeds.shape[:2]:
+                        f"[batch, seq, {width}]")
+    if embeds.dim() != 3 or embeds.shape[2] != width or 0 in embeds.shape[:2]:
         raise ValueError(f"inputs_embeds must have shape [batch >= 1, seq >= 1, "
-                         f"{weight.shape[1]}], got {list(embeds.shape)}")
+                         f"{width}], got {list(embeds.shape)}")
     if embeds.device != weight.device:
         raise ValueError(f"inputs_embeds is on {embeds.device} but the model is on "
                          f"{weight.device}")

@@ -5,15 +5,19 @@ inference (eval mode, no gradients) and returns it:
 
 ``fp32``  every weight fp32, ``nn.Linear`` (MKL sgemm/sgemv); the LM head stays tied.
           Activations fp32.
-``bf16``  every ``nn.Linear`` (attention, MLP and the LM head, which gets its own copy
-          of the embedding) becomes a :class:`Bf16Linear`: bf16 weights held only in the
-          C++ kernel's packed layout (AVX512_BF16 where present), bf16 bias, fp32 sums.
-          The embedding is bf16 for the lookup. Activations bf16.
-``int8``  every ``nn.Linear`` (the LM head too, its own copy; the embedding stays fp32
-          for the lookup) becomes an :class:`Int8Linear`: int8 weights, symmetric per
-          output channel (``scale[n] = max_k |w[n, k]| / 127``, zero point 0), held
-          only in the C++ kernel's packed layout; fp32 scales and bias. Activations fp32
-          in and out; each row is quantised to int8 on the fly (see :class:`Int8Linear`).
+``bf16``  every ``nn.Linear`` (attention, MLP and the LM head) becomes a
+          :class:`Bf16Linear`: bf16 weights held only in the C++ kernel's packed layout
+          (AVX512_BF16 where present), bf16 bias, fp32 sums. Activations bf16.
+``int8``  every ``nn.Linear`` (the LM head too) becomes an :class:`Int8Linear`: int8
+          weights, symmetric per output channel (``scale[n] = max_k |w[n, k]| / 127``,
+          zero point 0), held only in the C++ kernel's packed layout; fp32 scales and
+          bias. Activations fp32 in and out; each row is quantised to int8 on the fly
+          (see :class:`Int8Linear`).
+
+A tied model's embedding then reads its vectors from the packed LM head
+(:class:`PackedEmbedding`: int8 rows dequantised, bf16 rows as stored), so the
+vocabulary table is held once; an untied model keeps a float embedding (fp32 for int8,
+bf16 for bf16).
 
 In every format RMSNorm weights stay fp32 and the norm computes in fp32. The paths were
 chosen by measurement (``bench/bench_linear_cpu.py``) at decode (M = 1-8 rows) and
@@ -24,7 +28,8 @@ A packed weight is the only copy (no plain weight is kept beside it): ``state_di
 unpacks it, loading packs it.
 
 ``save_inference(model, dir)`` writes ``model.safetensors`` (int8 weights + scales for
-``int8``) with the format in the file's metadata, plus ``config.json``;
+``int8``; a tied head once, as ``embed.*``) with the format in the file's metadata, plus
+``config.json``;
 ``load_inference(dir)`` rebuilds the converted model (never unpickling anything) and
 also converts a float checkpoint written by ``save_pretrained`` when given ``dtype``.
 """
@@ -140,6 +145,17 @@ class _PackedLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         """The plain weight ``[out, in]`` (unpacked: a new tensor on every access)."""
         return self.unpacked()["weight"]
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Weight rows ``W[ids]`` ``[len(ids), in_features]`` (``ids`` int64 ``[T]``, in
+        range) gathered from the panels ``[N / 32, K / g, 32, g]``, in the packed dtype:
+        a tied LM head's rows are the token embedding (:class:`PackedEmbedding`)."""
+        if self._packed is None:
+            self._check_input(torch.empty(0, self.in_features), torch.float32)  # raises
+        panels = self._packed["panels"]
+        picked = panels[ids // 32, :, ids % 32]  # [T, K / g, g]
+        return picked.reshape(ids.shape[0], panels.shape[1] * panels.shape[3])[
+            :, :self.in_features]
 
     def _check_input(self, x: torch.Tensor, dtype: torch.dtype) -> None:
         if x.dtype != dtype or x.shape[-1:] != (self.in_features,) or x.device.type != "cpu":
@@ -277,6 +293,11 @@ class Int8Linear(_PackedLinear):
         plain = self.unpacked()
         return plain["weight"].float() * plain["weight_scale"][:, None]
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Dequantised weight rows ``W[ids] * weight_scale[ids]`` (fp32, as
+        :meth:`dequantized_weight`'s rows)."""
+        return super().rows(ids).float() * self._packed["weight_scale"][ids, None]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.in_features
         if (x.dtype is not torch.float32 or not x.is_cpu or x.dim() == 0 or x.shape[-1] != k
@@ -405,6 +426,79 @@ _MODULES = {"bf16": Bf16Linear, "int8": Int8Linear}
 _EMBED_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
 
 
+class PackedEmbedding(nn.Module):
+    """The token embedding of a tied int8/bf16 model, read from its LM head's packed
+    rows (:meth:`_PackedLinear.rows`): the vocabulary table is held once, in the LM
+    head's format, instead of a second float copy (mu-330m int8: 126 MiB less resident
+    memory). int8 rows come back dequantised to fp32 (``q * scale`` per token: the
+    embedding is quantised like the head, as CTranslate2's int8 does), bf16 rows as
+    stored, which equal the float model's embedding cast to bf16.
+
+    The head is referenced, not registered as a submodule: it owns the weights and the
+    state dict holds them once, under ``lm_head.*`` (files store them as ``embed.*``,
+    the name a tied float checkpoint uses)."""
+
+    def __init__(self, head: _PackedLinear, dtype: torch.dtype):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self.dtype, self.device = dtype, torch.device("cpu")
+        self.__dict__["head"] = head  # not a submodule (see above)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() \
+                or ids.dtype is torch.bool:
+            raise TypeError(f"PackedEmbedding: ids must be an integer tensor, got "
+                            f"{ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__}")
+        flat = ids.reshape(-1).long()
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
+            raise IndexError(f"PackedEmbedding: ids must lie in [0, {self.num_embeddings}), "
+                             f"got values in [{int(flat.min())}, {int(flat.max())}]")
+        return self.head.rows(flat).view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, rows of the LM head "
+                f"({type(self.head).__name__})")
+
+
+def _tied_owners(model: nn.Module):
+    """(name, module) of each language model in ``model`` whose ``embed`` is tied to its
+    ``lm_head`` (``model`` itself, or e.g. a vision-language model's ``lm``)."""
+    for name, module in model.named_modules():
+        config = getattr(module, "config", None)
+        if ("embed" in module._modules and "lm_head" in module._modules
+                and getattr(config, "tie_embeddings", False)):
+            yield name, module
+
+
+def _share_embedding_with_head(model: nn.Module, fmt: str) -> None:
+    """Replace the float embedding of each tied language model by its packed LM head's
+    rows (int8/bf16 formats)."""
+    for _, module in list(_tied_owners(model)):
+        head = module._modules["lm_head"]
+        if isinstance(head, _MODULES[fmt]) and isinstance(module._modules["embed"], nn.Embedding):
+            module.embed = PackedEmbedding(head, _EMBED_DTYPE[fmt])
+
+
+def _file_names(model: nn.Module) -> dict[str, str]:
+    """{state-dict prefix: file prefix}: a packed-tied head's tensors are stored under the
+    embedding's name (``lm_head.`` -> ``embed.``), as in a tied float checkpoint."""
+    out = {}
+    for name, module in _tied_owners(model):
+        if isinstance(module._modules["embed"], PackedEmbedding):
+            prefix = f"{name}." if name else ""
+            out[f"{prefix}lm_head."] = f"{prefix}embed."
+    return out
+
+
+def _rename(state: dict, names: dict[str, str]) -> dict:
+    """``state`` with each key starting with a prefix of ``names`` renamed."""
+    out = {}
+    for key, value in state.items():
+        prefix = next((p for p in names if key.startswith(p)), None)
+        out[key if prefix is None else names[prefix] + key[len(prefix):]] = value
+    return out
+
+
 def fuse_linears(*linears: nn.Module) -> nn.Module:
     """One layer computing ``cat([l(x) for l in linears], -1)`` (e.g. a fused QKV
     projection), of the same kind as the inputs: ``nn.Linear``, ``Bf16Linear`` or
@@ -514,6 +608,8 @@ def to_inference(model: nn.Module, dtype: str = "int8", *, fuse: bool = True) ->
                          f"model to {fmt!r} instead")
     if current != fmt:
         _convert(model, fmt, quantize=True)
+        if fmt in _MODULES:
+            _share_embedding_with_head(model, fmt)
         _own_memory(model)
     if fuse:
         fuse_projections(model)
@@ -587,7 +683,7 @@ def save_inference(model: nn.Module, directory: str | os.PathLike) -> None:
                          f"convert it with to_inference first")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    stored, tied = _split_tied(_unfused_state_dict(model))
+    stored, tied = _split_tied(_rename(_unfused_state_dict(model), _file_names(model)))
     tmp = directory / f".{WEIGHTS_NAME}.tmp-{os.getpid()}"
     save_file(stored, str(tmp), metadata={"format": "pt", FORMAT_KEY: fmt,
                                           TIED_KEY: json.dumps(tied, sort_keys=True)})
@@ -654,7 +750,13 @@ def load_inference(directory: str | os.PathLike, dtype: str | None = None) -> nn
     with on_meta():
         model = cls(config)
     _convert(model, stored_fmt, quantize=False)
-    expected = model.state_dict()
+    if stored_fmt in _MODULES:  # a tied head stored once, as embed.* (files before: twice)
+        for name, module in list(_tied_owners(model)):
+            if f"{name}.lm_head.weight".lstrip(".") not in header:
+                _share_embedding_with_head(module, stored_fmt)
+    names = _file_names(model)
+    expected = _rename(model.state_dict(), names)
+    to_model = {file: key for key, file in names.items()}
     with safe_open(str(weights), framework="pt") as f:
         # Tensors come as views of the memory-mapped file: checking them reads no data.
         stored = {key: f.get_tensor(key) for key in f.keys()}
@@ -676,7 +778,7 @@ def load_inference(directory: str | os.PathLike, dtype: str | None = None) -> nn
         # tensors are copied too (int8/bf16), so the mapping is released on return. fp32
         # keeps the views (nothing is packed; the file's pages are the model's memory).
         by_owner: dict[str, dict[str, torch.Tensor]] = {}
-        for key, t in stored.items():
+        for key, t in _rename(stored, to_model).items():
             owner, _, attr = key.rpartition(".")
             module = model.get_submodule(owner)
             packed = isinstance(module, _PackedLinear) and attr in module.packed_dtypes
@@ -696,6 +798,7 @@ def load_inference(directory: str | os.PathLike, dtype: str | None = None) -> nn
     return model.eval()
 
 
-__all__ = ["FORMATS", "Int8Linear", "Bf16Linear", "fuse_linears", "fuse_projections",
+__all__ = ["FORMATS", "Int8Linear", "Bf16Linear", "PackedEmbedding", "fuse_linears",
+           "fuse_projections",
            "quantize_per_channel", "to_inference", "weight_format", "save_inference",
            "load_inference"]

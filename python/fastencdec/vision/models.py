@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..inputs import embedding_like
 from ..models import DecoderOnlyLM, EncoderDecoderLM, LMOutput
 from ..models.meta_init import on_meta
 from .anyres import ProcessedImage, process_image, stack_images
@@ -180,7 +181,7 @@ class _VisionLanguageModel(nn.Module):
                 image, self.config.anyres)
             pixels.append(done.pixels(self.config.anyres))
         px, mask = stack_images(pixels)
-        weight = self.embed.weight
+        weight = embedding_like(self.embed)
         return px.to(device=weight.device, dtype=self.vision.embeddings.patch_embedding.weight
                      .dtype), mask.to(weight.device)
 
@@ -218,7 +219,7 @@ class _VisionLanguageModel(nn.Module):
         mask = self._check_images(image_pixels, image_crop_mask, batch)
         b, c = mask.shape
         p, d = self.config.vision.tokens_per_crop, self.config.text.d_model
-        out_dtype = self.embed.weight.dtype
+        out_dtype = embedding_like(self.embed).dtype
         tokens = torch.zeros(b, c, p, d, dtype=out_dtype, device=image_pixels.device)
         if bool(mask.any()):
             feats = self.projector(self.vision(image_pixels[mask]))
