@@ -22,7 +22,10 @@ model's weights once per token, so each candidate cycles through enough copies o
 its weights (>= 4x the last-level cache) that they are read from DRAM, as in a real
 decode step. Effective weight GB/s = stored weight bytes (incl. scales) / time,
 also as a fraction of the machine's copy bandwidth measured in the same run (copy
-counts read + write bytes, as STREAM does). Each candidate's relative error vs a
+counts read + write bytes, as STREAM does); GFLOP/s also as a fraction ("%peak") of
+the multiply-accumulate ceiling of the candidate's compute precision, measured at the
+start and the end of the run (``_C.dot_peak``: AVX-512 VNNI / BF16 / FMA instructions
+on registers; a VM's CPU has no datasheet). Each candidate's relative error vs a
 float64 reference is reported, so a fast but wrong path is visible.
 
 Candidates are timed interleaved, sample by sample, so that background load hits
@@ -114,6 +117,17 @@ def bandwidth(threads: int, repeats: int, nbytes: int = 256 << 20) -> dict:
     return out
 
 
+def dot_peaks(threads: int) -> dict:
+    """Measured GMAC/s ceilings ``{int8, bf16, fp32: value or None}`` of the instructions
+    the kernels use (``_C.dot_peak``: AVX-512 VNNI / BF16 / FMA on registers), or {} when
+    the compiled module is missing."""
+    try:
+        from fastencdec import _C
+    except ImportError:
+        return {}
+    return {kind: _C.dot_peak(kind, threads, 0.5) for kind in ("int8", "bf16", "fp32")}
+
+
 # -- candidates -------------------------------------------------------------------------
 @dataclass
 class Candidate:
@@ -124,6 +138,7 @@ class Candidate:
     max_rows: int = 1 << 30  # larger M is skipped (a scalar fallback kernel: minutes)
     skip_reason: str = ""
     per_rows: bool = False  # the packed weights depend on M (built per row count)
+    compute: str = ""  # the MACs' precision (the %peak ceiling); "" = the weight format
 
 
 def per_channel_int8(w):
@@ -262,11 +277,13 @@ SCALAR_FALLBACK = "scalar fallback kernel (>10x slower already at M=8)"
 CANDIDATES = [
     Candidate("fp32 F.linear (MKL)", "fp32", torch.float32, _plain),
     Candidate("fp32 mkl._mkl_linear packed", "fp32", torch.float32, _mkl_packed, per_rows=True),
-    Candidate("fp16w fbgemm linear_dynamic_fp16", "fp16", torch.float32, _fp16_fbgemm),
+    Candidate("fp16w fbgemm linear_dynamic_fp16", "fp16", torch.float32, _fp16_fbgemm,
+              compute="fp32"),
     Candidate("int8w _weight_int8pack_mm fp32-act", "int8", torch.float32,
-              _int8_weight_only(torch.float32), max_rows=8, skip_reason=SCALAR_FALLBACK),
+              _int8_weight_only(torch.float32), max_rows=8, skip_reason=SCALAR_FALLBACK,
+              compute="fp32"),
     Candidate("int8w _weight_int8pack_mm via bf16", "int8", torch.float32,
-              _int8_weight_only_via_bf16),
+              _int8_weight_only_via_bf16, compute="bf16"),
     Candidate("int8 dyn fbgemm", "int8", torch.float32, _dynamic("fbgemm")),
     Candidate("fastencdec Int8Linear", "int8", torch.float32, _fastencdec("int8")),
     Candidate("int8 dyn onednn-engine", "int8", torch.float32, _dynamic("onednn")),
@@ -278,8 +295,9 @@ CANDIDATES = [
               per_rows=True),
     Candidate("fastencdec Bf16Linear", "bf16", torch.bfloat16, _fastencdec("bf16")),
     Candidate("int8w _weight_int8pack_mm bf16-act", "int8", torch.bfloat16,
-              _int8_weight_only(torch.bfloat16)),
-    Candidate("int4w _weight_int4pack_mm (g128)", "int4", torch.bfloat16, _int4_weight_only),
+              _int8_weight_only(torch.bfloat16), compute="bf16"),
+    Candidate("int4w _weight_int4pack_mm (g128)", "int4", torch.bfloat16, _int4_weight_only,
+              compute="bf16"),
 ]
 WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
 
@@ -357,6 +375,7 @@ def run_shape(name, k, n, has_bias, rows_list, threads_list, repeats, target_s, 
                 fn = built[(cand.name, rows if cand.per_rows else None)]
                 row = {"shape": name, "k": k, "n": n, "rows": rows, "threads": threads,
                        "candidate": cand.name, "weights": cand.weights,
+                       "compute": cand.compute or cand.weights,
                        "act": str(cand.act).replace("torch.", "")}
                 if fn is None:
                     row["skipped"] = "unusable"
@@ -386,7 +405,7 @@ def run_shape(name, k, n, has_bias, rows_list, threads_list, repeats, target_s, 
 
 
 # -- report -----------------------------------------------------------------------------
-def print_table(results, bw, log):
+def print_table(results, bw, peaks, log):
     keyed = {}
     for r in results:
         keyed.setdefault((r["shape"], r["rows"], r["threads"]), []).append(r)
@@ -397,16 +416,20 @@ def print_table(results, bw, log):
         log(f"\n{shape} {rs[0]['k']}->{rs[0]['n']}  M={rows}  threads={threads}  "
             f"(copy {copy:.1f} GB/s; GB/s, %copy, GFLOP/s and ratios by the {CLOCK} clock)")
         log(f"  {'candidate':40s} {'wall ms':>8s} {'cpu ms':>8s} {'GB/s':>7s} {'%copy':>6s} "
-            f"{'GFLOP/s':>8s} {'vs fp32':>7s} {'rel err':>8s}")
+            f"{'GFLOP/s':>8s} {'%peak':>6s} {'vs fp32':>7s} {'rel err':>8s}")
         for r in rs:
             if "ms" not in r:
                 log(f"  {r['candidate']:40s} skipped: {r.get('skipped')}")
                 continue
             r["copy_fraction"] = r["weight_gbs"] / copy
             r["speedup_vs_fp32"] = fp32 / r["ms"] if fp32 else None
+            # MACs per second over the ceiling of the weight format's instruction
+            peak = peaks.get(threads, {}).get(r["compute"])
+            r["peak_fraction"] = r["gflops"] / 2 / peak if peak else None
+            pct = f"{100 * r['peak_fraction']:5.0f}%" if peak else f"{'-':>6s}"
             log(f"  {r['candidate']:40s} {r['wall_ms']:8.3f} {r['cpu_ms']:8.3f} "
                 f"{r['weight_gbs']:7.1f} {100 * r['copy_fraction']:5.0f}% {r['gflops']:8.1f} "
-                f"{r['speedup_vs_fp32'] or float('nan'):6.2f}x {r['rel_error']:8.1e}")
+                f"{pct} {r['speedup_vs_fp32'] or float('nan'):6.2f}x {r['rel_error']:8.1e}")
 
 
 def main(argv=None) -> None:
@@ -463,6 +486,10 @@ def main(argv=None) -> None:
         log(f"threads={t}: copy {v['copy_gbs_wall']:.1f} GB/s (read+write) by the wall clock, "
             f"{v['copy_gbs_cpu']:.1f} by the CPU clock; read {v['read_gbs_wall']:.1f} / "
             f"{v['read_gbs_cpu']:.1f} GB/s")
+    peaks = {t: dot_peaks(t) for t in threads_list}
+    for t, v in peaks.items():
+        log(f"threads={t}: multiply-accumulate ceiling (GMAC/s, registers only): "
+            + ", ".join(f"{k} {'-' if g is None else f'{g:.0f}'}" for k, g in v.items()))
     results, loads = [], []
     for name in shapes:
         k, n, has_bias = SHAPES[name]
@@ -473,7 +500,13 @@ def main(argv=None) -> None:
     torch.set_num_threads(old_threads)
     record.update(loadavg_end=loadavg(), loadavg_per_shape=dict(zip(shapes, loads, strict=True)),
                   bandwidth={str(t): v for t, v in bw.items()})
-    print_table(results, bw, log)
+    # The ceiling again at the end (a VM's speed drifts): the table uses the mean.
+    peaks_end = {t: dot_peaks(t) for t in threads_list}
+    peaks = {t: {k: (v + peaks_end[t][k]) / 2 if v and peaks_end[t].get(k) else None
+                 for k, v in peaks[t].items()} for t in threads_list}
+    record["dot_peak_gmacs"] = {str(t): v for t, v in peaks.items()}
+    record["dot_peak_gmacs_end"] = {str(t): v for t, v in peaks_end.items()}
+    print_table(results, bw, peaks, log)
     log(f"\nload average at start {record['loadavg_start']}, end {record['loadavg_end']} "
         f"(on {info['cores']} cores: > cores means the timings are shared)")
     record["results"] = results

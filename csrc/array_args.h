@@ -66,5 +66,6 @@ inline void check_threads(int num_threads) {
 void register_int8_linear(py::module_& m);
 void register_bf16_linear(py::module_& m);
 void register_decoder_step(py::module_& m);
+void register_dot_peak(py::module_& m);
 
 }  // namespace fastencdec::bind

@@ -419,3 +419,15 @@ def test_module_kinds():
     assert kinds["encoder_norm"] == "norm" and kinds["encoder.0.mlp"] == "mlp"
     assert kinds["embed"] == "other"
     assert kinds["decoder.0.cross_attn"] == "attention"
+
+
+def test_dot_peak_measures_the_active_instruction_or_says_none():
+    from fastencdec import _C
+
+    for kind in ("int8", "bf16", "fp32"):
+        got = _C.dot_peak(kind, 1, 0.01)
+        assert got is None or (isinstance(got, float) and got > 0), (kind, got)
+    for bad, match in ((("int4", 1, 0.1), "kind must be"), (("fp32", 0, 0.1), "num_threads"),
+                       (("fp32", 1, 0.0), "seconds"), (("fp32", 1, 11.0), "seconds")):
+        with pytest.raises(ValueError, match=match):
+            _C.dot_peak(*bad)
