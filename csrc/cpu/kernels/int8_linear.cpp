@@ -12,8 +12,8 @@
 // and the vector lanes are output columns (no horizontal sums). Reading 4 rows of the
 // plain [N, K] layout side by side streamed from DRAM at ~2/3 of that speed (2-thread
 // AVX-512 microbenchmark here: 13-15 vs 19-23 GB/s), and decoding is weight streaming.
-// Inner products: AVX512-VNNI vpdpbusd (u8 x s8; x stored as xq + 128, corrected by
-// 128 * the row sums) where the CPU has it, else int16 multiply-add into int32
+// Inner products: AVX512-VNNI vpdpbusd (u8 x s8; the weights read as w + 128, corrected
+// by 128 * each x row's sum) where the CPU has it, else int16 multiply-add into int32
 // (AVX-512BW / AVX2 vpmaddwd, NEON smull + sadalp): exact, no saturation.
 // One kernel serves decoding (a few rows: one pass over the weights) and the encoder
 // (hundreds of rows: 8-row tiles, ~256 KiB of rows kept in L2 while the panels stream).
@@ -134,35 +134,80 @@ void epilogue(const int32_t* acc, int64_t n, float s, const float* ws, const flo
 // 16 columns). Lanes are output columns, so nothing is reduced across lanes.
 constexpr int NV = 2;  // 64-byte halves (16 int32 lanes each) of a panel's 128 bytes
 #if defined(FED_ISA_AVX512)
-// AVX512-VNNI: vpdpbusd multiplies u8 x s8 in fours into int32 lanes; x holds xq + 128,
-// so 128 * the row sums come off at the end.
+// AVX512-VNNI: vpdpbusd multiplies u8 x s8 in fours into int32 lanes. The weights are
+// the u8 operand (w + 128: a XOR per 64 bytes loaded) and x the s8 one, so each row's
+// quad can be a broadcast memory operand of vpdpbusd itself; 128 * the row's sum of xq
+// (x_sums128) comes off at the end.
 template <int MC>
-__attribute__((target("avx512vnni"))) void dot_vnni(const uint8_t* x, int64_t xs,
+__attribute__((target("avx512vnni"))) void dot_vnni(const int8_t* x, int64_t xs,
                                                    const int8_t* w, int64_t Kq,
-                                                   const int32_t* row_sums,
+                                                   const int32_t* x_sums128,
                                                    int32_t* out) {
   __m512i acc[MC][NV];
   for (int i = 0; i < MC; ++i)
     for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_si512();
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t q = 0; q < Kq; ++q) {
     __m512i wv[NV];
-    for (int v = 0; v < NV; ++v) {
-      const int8_t* src = w + 64 * v + 128 * q;
-      wv[v] = _mm512_loadu_si512(src);
-    }
+    for (int v = 0; v < NV; ++v)
+      wv[v] = _mm512_xor_si512(_mm512_loadu_si512(w + 64 * v + 128 * q), flip);
     for (int i = 0; i < MC; ++i) {
       int32_t quad;
       std::memcpy(&quad, x + i * xs + 4 * q, 4);
       const __m512i xb = _mm512_set1_epi32(quad);
-      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_dpbusd_epi32(acc[i][v], xb, wv[v]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_dpbusd_epi32(acc[i][v], wv[v], xb);
     }
   }
-  for (int v = 0; v < NV; ++v) {
-    const __m512i corr = _mm512_slli_epi32(_mm512_loadu_si512(row_sums + 16 * v), 7);
-    for (int i = 0; i < MC; ++i)
+  for (int i = 0; i < MC; ++i) {
+    const __m512i corr = _mm512_set1_epi32(x_sums128[i]);
+    for (int v = 0; v < NV; ++v)
       _mm512_storeu_si512(out + i * 32 + 16 * v, _mm512_sub_epi32(acc[i][v], corr));
   }
 }
+
+#if defined(__GNUC__)
+// The full 8-row tile (the encoder's GEMMs spend their time here). GCC 12 compiles the
+// intrinsic loop above with a register copy per vpdpbusd and a vpbroadcastd per row;
+// here each accumulator is a named register updated in place and each row's quad is
+// vpdpbusd's own {1to16} broadcast operand.
+#define FED_DPBUSD(acc, w, p)                                              \
+  __asm__("vpdpbusd %2%{1to16%}, %1, %0"                                  \
+          : "+v"(acc)                                                      \
+          : "v"(w), "m"(*reinterpret_cast<const int32_t*>(p)))
+template <>
+__attribute__((target("avx512vnni"))) void dot_vnni<8>(const int8_t* x, int64_t xs,
+                                                      const int8_t* w, int64_t Kq,
+                                                      const int32_t* x_sums128,
+                                                      int32_t* out) {
+  __m512i a00 = _mm512_setzero_si512(), a01 = a00, a10 = a00, a11 = a00, a20 = a00,
+          a21 = a00, a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00,
+          a60 = a00, a61 = a00, a70 = a00, a71 = a00;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const int8_t *x0 = x, *x1 = x + xs, *x2 = x + 2 * xs, *x3 = x + 3 * xs, *x4 = x + 4 * xs,
+               *x5 = x + 5 * xs, *x6 = x + 6 * xs, *x7 = x + 7 * xs;
+  for (int64_t q = 0; q < Kq; ++q, w += 128) {
+    const __m512i w0 = _mm512_xor_si512(_mm512_loadu_si512(w), flip);
+    const __m512i w1 = _mm512_xor_si512(_mm512_loadu_si512(w + 64), flip);
+    const int64_t o = 4 * q;
+    FED_DPBUSD(a00, w0, x0 + o); FED_DPBUSD(a01, w1, x0 + o);
+    FED_DPBUSD(a10, w0, x1 + o); FED_DPBUSD(a11, w1, x1 + o);
+    FED_DPBUSD(a20, w0, x2 + o); FED_DPBUSD(a21, w1, x2 + o);
+    FED_DPBUSD(a30, w0, x3 + o); FED_DPBUSD(a31, w1, x3 + o);
+    FED_DPBUSD(a40, w0, x4 + o); FED_DPBUSD(a41, w1, x4 + o);
+    FED_DPBUSD(a50, w0, x5 + o); FED_DPBUSD(a51, w1, x5 + o);
+    FED_DPBUSD(a60, w0, x6 + o); FED_DPBUSD(a61, w1, x6 + o);
+    FED_DPBUSD(a70, w0, x7 + o); FED_DPBUSD(a71, w1, x7 + o);
+  }
+  const __m512i acc[8][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31},
+                             {a40, a41}, {a50, a51}, {a60, a61}, {a70, a71}};
+  for (int i = 0; i < 8; ++i) {
+    const __m512i corr = _mm512_set1_epi32(x_sums128[i]);
+    for (int v = 0; v < NV; ++v)
+      _mm512_storeu_si512(out + i * 32 + 16 * v, _mm512_sub_epi32(acc[i][v], corr));
+  }
+}
+#undef FED_DPBUSD
+#endif
 #endif
 
 #if defined(FED_ISA_AVX512)
@@ -287,22 +332,20 @@ void dot(const int16_t* x, int64_t xs, const int8_t* w, int64_t Kq, int32_t* out
 
 // -- the driver -----------------------------------------------------------------------
 // Quantised rows in the layout the kernels read, padded to whole k-quads (and 8 more
-// entries: the int16 kernels read a quad as 8 bytes): VNNI u8 = xq + 128 (pad 128),
-// else XT = xq (pad 0). Padded weights are 0, so padding never counts.
+// entries: the int16 kernels read a quad as 8 bytes) with zeros: padded weights are 0
+// too, so padding never counts (VNNI reads a padded weight as 0 + 128, times x = 0).
+// x_sums128[m] = 128 * sum_k xq[m, k] (the VNNI kernel's offset correction).
 template <typename X>
 void prepare_rows(const float* x, int64_t M, int64_t K, int64_t xs, X* xq, float* s,
-                  int threads) {
+                  int32_t* x_sums128, int threads) {
   parallel_for_tid(M, M * K < (1 << 16) ? 1 : threads, [&](int64_t b, int64_t e, int) {
     for (int64_t m = b; m < e; ++m) {
       X* row = xq + m * xs;
-      if constexpr (std::is_same_v<X, uint8_t>) {
-        s[m] = quantize_row(x + m * K, K, reinterpret_cast<int8_t*>(row));
-        for (int64_t k = 0; k < K; ++k) row[k] ^= 0x80;  // two's complement q -> q + 128
-        std::fill(row + K, row + xs, X(128));
-      } else {
-        s[m] = quantize_row(x + m * K, K, row);
-        std::fill(row + K, row + xs, X(0));
-      }
+      s[m] = quantize_row(x + m * K, K, row);
+      std::fill(row + K, row + xs, X(0));
+      int32_t sum = 0;
+      for (int64_t k = 0; k < K; ++k) sum += row[k];
+      x_sums128[m] = sum * 128;
     }
   });
 }
@@ -310,7 +353,7 @@ void prepare_rows(const float* x, int64_t M, int64_t K, int64_t xs, X* xq, float
 // Run-time tile height (mc in [1, MaxM]) to the compiled kernels.
 #if defined(FED_ISA_AVX512)
 template <int MaxM, int MC = 1>
-void dot_vnni_any(int mc, const uint8_t* x, int64_t xs, const int8_t* w, int64_t Kq,
+void dot_vnni_any(int mc, const int8_t* x, int64_t xs, const int8_t* w, int64_t Kq,
                   const int32_t* row_sums, int32_t* out) {
   if constexpr (MC <= MaxM) {
     if (mc != MC) return dot_vnni_any<MaxM, MC + 1>(mc, x, xs, w, Kq, row_sums, out);
@@ -334,7 +377,8 @@ void run(const Int8LinearProblem& p, const Dot& dot_tile) {
   const int64_t Kq = (K + 3) / 4, xs = Kq * 4 + 8, panel_bytes = Kq * 128;
   std::vector<X> xq(static_cast<size_t>(M * xs));
   std::vector<float> s(static_cast<size_t>(M));
-  prepare_rows(p.x, M, K, xs, xq.data(), s.data(), p.num_threads);
+  std::vector<int32_t> x_sums128(static_cast<size_t>(M));
+  prepare_rows(p.x, M, K, xs, xq.data(), s.data(), x_sums128.data(), p.num_threads);
 
   const int64_t panels = (N + 31) / 32;
   // Rows of x per pass over the weights: ~256 KiB of them stay in L2 while the
@@ -352,7 +396,7 @@ void run(const Int8LinearProblem& p, const Dot& dot_tile) {
         const int8_t* w = p.weight + u * panel_bytes;
         for (int64_t m0 = mb; m0 < me; m0 += MaxM) {
           const int mc = static_cast<int>(std::min<int64_t>(MaxM, me - m0));
-          dot_tile(mc, xq.data() + m0 * xs, xs, w, Kq, p.row_sums + n0, tile);
+          dot_tile(mc, xq.data() + m0 * xs, xs, w, Kq, x_sums128.data() + m0, tile);
           for (int i = 0; i < mc; ++i)
             epilogue(tile + i * 32, cols, s[m0 + i], p.weight_scale + n0,
                      p.bias ? p.bias + n0 : nullptr, p.gelu, p.out + (m0 + i) * N + n0);
@@ -368,7 +412,7 @@ void int8_linear(const Int8LinearProblem& p) {
   if (p.rows <= 0 || p.out_features <= 0) return;
 #if defined(FED_ISA_AVX512)
   constexpr int kMaxMVnni = 8;  // 8 x 2 accumulators + 2 weights + 1 broadcast
-  if (use_vnni()) return run<uint8_t, kMaxMVnni>(p, dot_vnni_any<kMaxMVnni>);
+  if (use_vnni()) return run<int8_t, kMaxMVnni>(p, dot_vnni_any<kMaxMVnni>);
 #endif
   run<XT, kMaxM>(p, dot_any<kMaxM>);
 }
