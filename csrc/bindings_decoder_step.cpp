@@ -39,54 +39,47 @@ using cpu::Storage;
 void int8_impl(const Int8LinearProblem& p) { FED_DISPATCH(int8_linear, p); }
 void bf16_impl(const Bf16LinearProblem& p) { FED_DISPATCH(bf16_linear, p); }
 
-// int8 weights, fp32 activations: (panels int8 [ceil(N/32), ceil(K/4), 32, 4], row_sums
-// int32 [32 ceil(N/32)], weight_scale fp32 [N], bias fp32 [N] or None), as Int8Linear
-// packs them.
+// int8 weights, fp32 activations: (panels int8 [ceil(N/32), ceil(K/4), 32, 4],
+// weight_scale fp32 [N], bias fp32 [N] or None), as Int8Linear packs them.
 struct Int8Format {
   using Act = float;
   static constexpr Storage kStorage = Storage::kF32;
   static constexpr const char* kName = "Int8DecoderStep";
   struct Linear {
     const int8_t* panels = nullptr;
-    const int32_t* row_sums = nullptr;
     const float* scale = nullptr;
     const float* bias = nullptr;
     int64_t in = 0, out = 0;
   };
   static Linear parse(py::tuple t, const std::string& name, int64_t in, int64_t out,
                       py::list& keep) {
-    if (t.size() != 4)
-      throw py::value_error(name + ": expected (panels, row_sums, weight_scale, bias)");
-    py::array panels = t[0].cast<py::array>(), sums = t[1].cast<py::array>(),
-              scale = t[2].cast<py::array>();
+    if (t.size() != 3)
+      throw py::value_error(name + ": expected (panels, weight_scale, bias)");
+    py::array panels = t[0].cast<py::array>(), scale = t[1].cast<py::array>();
     Linear w;
     w.in = in;
     w.out = out;
     if (in > cpu::kInt8MaxK) throw py::value_error(name + ": too many inputs");
     w.panels = checked_data<int8_t>(panels, name.c_str(), 4, false);
     expect_shape(panels, name.c_str(), {(out + 31) / 32, (in + 3) / 4, 32, 4});
-    w.row_sums = checked_data<int32_t>(sums, name.c_str(), 1, false);
-    expect_dim(sums, name.c_str(), 0, (out + 31) / 32 * 32);
     w.scale = checked_data<float>(scale, name.c_str(), 1, false);
     expect_dim(scale, name.c_str(), 0, out);
     keep.append(panels);
-    keep.append(sums);
     keep.append(scale);
-    if (!t[3].is_none()) {
-      py::array b = as_array(t[3], name.c_str());
+    if (!t[2].is_none()) {
+      py::array b = as_array(t[2], name.c_str());
       w.bias = checked_data<float>(b, name.c_str(), 1, false);
       expect_dim(b, name.c_str(), 0, out);
       keep.append(b);
     }
     return w;
   }
-  static int64_t out_features(py::tuple t) { return t[2].cast<py::array>().shape(0); }
+  static int64_t out_features(py::tuple t) { return t[1].cast<py::array>().shape(0); }
   static void run(const Linear& w, const float* x, float* out, int64_t rows, bool gelu,
                   int threads) {
     Int8LinearProblem p;
     p.x = x;
     p.weight = w.panels;
-    p.row_sums = w.row_sums;
     p.weight_scale = w.scale;
     p.bias = w.bias;
     p.out = out;

@@ -74,15 +74,12 @@ struct RmsNormProblem {
 // xq = round_half_even(x * 127 / max) in [-127, 127]; acc is an exact int32 sum.
 // weight: int8 [ceil(N / 32), ceil(K / 4), 32, 4] panels, weight[p, q, c, r] =
 // W[32 p + c, 4 q + r] (zero padded): one panel of 32 output columns is read front to
-// back, 128 bytes per 4 k. row_sums [32 ceil(N / 32)]: sum_k of each packed row (no
-// kernel reads it any more: the VNNI path now corrects per x row; still checked and
-// passed by the bindings until the call signature drops it).
+// back, 128 bytes per 4 k.
 // in_features <= kInt8MaxK keeps every int32 partial sum exact.
 constexpr int64_t kInt8MaxK = 65536;
 struct Int8LinearProblem {
   const float* x = nullptr;
   const int8_t* weight = nullptr;
-  const int32_t* row_sums = nullptr;      // [32 * ceil(out_features / 32)]
   const float* weight_scale = nullptr;    // [out_features]
   const float* bias = nullptr;            // [out_features] or null
   float* out = nullptr;

@@ -354,10 +354,10 @@ void prepare_rows(const float* x, int64_t M, int64_t K, int64_t xs, X* xq, float
 #if defined(FED_ISA_AVX512)
 template <int MaxM, int MC = 1>
 void dot_vnni_any(int mc, const int8_t* x, int64_t xs, const int8_t* w, int64_t Kq,
-                  const int32_t* row_sums, int32_t* out) {
+                  const int32_t* x_sums128, int32_t* out) {
   if constexpr (MC <= MaxM) {
-    if (mc != MC) return dot_vnni_any<MaxM, MC + 1>(mc, x, xs, w, Kq, row_sums, out);
-    return dot_vnni<MC>(x, xs, w, Kq, row_sums, out);
+    if (mc != MC) return dot_vnni_any<MaxM, MC + 1>(mc, x, xs, w, Kq, x_sums128, out);
+    return dot_vnni<MC>(x, xs, w, Kq, x_sums128, out);
   }
 }
 #endif

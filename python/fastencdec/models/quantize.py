@@ -272,11 +272,10 @@ class Int8Linear(_PackedLinear):
         plain[:n, :k] = weight
         # panels[p, q, c, r] = W[32 p + c, 4 q + r]: 32 output columns, 4 k per 128 bytes
         panels = plain.view(n_pad // 32, 32, k_pad // 4, 4).permute(0, 2, 1, 3).contiguous()
-        row_sums = plain.sum(1, dtype=torch.int32)
         scale = weight_scale.clone()
-        return {"panels": panels, "row_sums": row_sums, "weight_scale": scale,
+        return {"panels": panels, "weight_scale": scale,
                 # numpy views for the C++ call (the tensors above own the memory)
-                "args": (panels.numpy(), row_sums.numpy(), scale.numpy())}
+                "args": (panels.numpy(), scale.numpy())}
 
     def _unpack(self):
         panels = self._packed["panels"]
