@@ -58,6 +58,19 @@ inline py::array as_array(const py::object& o, const char* name) {
   return py::reinterpret_borrow<py::array>(o);
 }
 
+// An optional 1-D argument of n T values (a bias): its data, or null for None. The array
+// is appended to keep (when given) so the pointer outlives the call that parsed it.
+template <typename T>
+const T* optional_vector(const py::object& o, const char* name, py::ssize_t n,
+                         py::list* keep = nullptr) {
+  if (o.is_none()) return nullptr;
+  py::array a = as_array(o, name);
+  const T* data = checked_data<T>(a, name, 1, false);
+  expect_dim(a, name, 0, n);
+  if (keep) keep->append(a);
+  return data;
+}
+
 inline void check_threads(int num_threads) {
   if (num_threads < 1) throw py::value_error("num_threads must be >= 1");
 }

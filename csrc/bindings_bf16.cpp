@@ -25,11 +25,7 @@ void bf16_linear(py::array x, py::array weight, py::object bias, py::array out, 
   p.out_features = out.shape(1);
   expect_shape(weight, "weight", {(p.out_features + 31) / 32, (p.in_features + 1) / 2, 32, 2});
   expect_dim(out, "out", 0, p.rows);
-  if (!bias.is_none()) {
-    py::array b = as_array(bias, "bias");
-    p.bias = checked_data<uint16_t>(b, "bias", 1, false);
-    expect_dim(b, "bias", 0, p.out_features);
-  }
+  p.bias = optional_vector<uint16_t>(bias, "bias", p.out_features);
   p.gelu = gelu;
   check_threads(num_threads);
   p.num_threads = num_threads;

@@ -66,12 +66,7 @@ struct Int8Format {
     expect_dim(scale, name.c_str(), 0, out);
     keep.append(panels);
     keep.append(scale);
-    if (!t[2].is_none()) {
-      py::array b = as_array(t[2], name.c_str());
-      w.bias = checked_data<float>(b, name.c_str(), 1, false);
-      expect_dim(b, name.c_str(), 0, out);
-      keep.append(b);
-    }
+    w.bias = optional_vector<float>(t[2], name.c_str(), out, &keep);
     return w;
   }
   static int64_t out_features(py::tuple t) { return t[1].cast<py::array>().shape(0); }
@@ -129,12 +124,7 @@ struct Bf16Format {
     w.panels = checked_data<uint16_t>(panels, name.c_str(), 4, false);
     expect_shape(panels, name.c_str(), {(out + 31) / 32, (in + 1) / 2, 32, 2});
     keep.append(panels);
-    if (!t[1].is_none()) {
-      py::array b = as_array(t[1], name.c_str());
-      w.bias = checked_data<uint16_t>(b, name.c_str(), 1, false);
-      expect_dim(b, name.c_str(), 0, out);
-      keep.append(b);
-    }
+    w.bias = optional_vector<uint16_t>(t[1], name.c_str(), out, &keep);
     return w;
   }
   static int64_t out_features(py::tuple t) { return t[2].cast<int64_t>(); }

@@ -28,11 +28,7 @@ void int8_linear(py::array x, py::array weight, py::array weight_scale,
   const int64_t panels = (p.out_features + 31) / 32;
   expect_shape(weight, "weight", {panels, (p.in_features + 3) / 4, 32, 4});
   expect_shape(out, "out", {p.rows, p.out_features});
-  if (!bias.is_none()) {
-    py::array b = as_array(bias, "bias");
-    p.bias = checked_data<float>(b, "bias", 1, false);
-    expect_dim(b, "bias", 0, p.out_features);
-  }
+  p.bias = optional_vector<float>(bias, "bias", p.out_features);
   p.gelu = gelu;
   check_threads(num_threads);
   p.num_threads = num_threads;
