@@ -189,13 +189,21 @@ def test_int8_linear_rows_are_independent(m, seed):
     x = torch.randn(m, 96, generator=gen) * scales
     y = q(x)
     ref_w = F.linear(x.double(), q.dequantized_weight().double())
+    w_abs_sums = q.dequantized_weight().double().abs().sum(1)
     for i in range(m):
         assert torch.equal(q(x[i:i + 1])[0], y[i]), f"row {i} differs alone vs in the batch"
         if i == 1:
             assert torch.equal(y[i], lin.bias.detach()), "a zero row must give the bias"
             continue
-        err = rel_err(y[i].double() - lin.bias.double(), ref_w[i])
-        assert err < 1.5e-2, f"row {i} (scale {float(scales[i]):.0e}) rel err {err:.2e}"
+        # Rounding x to its own grid moves each entry by at most half a step (s_i / 2),
+        # so |error| <= s_i / 2 * sum_k |W[n, k]| plus fp32 rounding: a bound set by the
+        # row alone, whatever the other rows hold (a fixed relative bound was a coin flip
+        # over 700 rows of 96 entries: FASTENCDEC_TEST_SEED=1737467646 drew 1.51e-2).
+        step = float(x[i].abs().max()) / 127
+        bound = step / 2 * w_abs_sums + 1e-5 * (ref_w[i].abs() + lin.bias.double().abs()) + 1e-30
+        err = (y[i].double() - lin.bias.double() - ref_w[i]).abs()
+        assert bool((err <= bound).all()), \
+            f"row {i} (scale {float(scales[i]):.0e}) error {float((err / bound).max()):.2f}x the bound"
     assert rel_err(y, reference(lin, x)) < LINEAR_RTOL["int8"]
     torch.set_num_threads(2)
     try:
