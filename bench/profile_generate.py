@@ -18,9 +18,9 @@ touching model code:
   through pybind11 are invisible to the profiler, the region around them is not;
   likewise the int8 and bf16 GEMM kernels (``models.quantize._int8_linear``,
   ``_bf16_linear``) get a region, charged like a matmul op to the module that called
-  it; an int8/bf16 model's one-call C++
-  decode step (``models.decoder_step.run``) is one category of its own, whose inside
-  the profiler cannot split (``--module-path`` profiles the same model module by
+  it; an int8/bf16 model's one-call C++ decode step (``models.decoder_step.run``) and
+  one-call C++ encoder (``models.encoder_pass.run``) are categories of their own, whose
+  inside the profiler cannot split (``--module-path`` profiles the same model module by
   module instead);
 - an op is counted once, at its outermost level (nested aten calls belong to it);
 - overhead = the unprofiled wall time minus all counted op time: Python, dispatch,
@@ -48,13 +48,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as harness  # noqa: E402
 import bench_generate as bg  # noqa: E402
 
-CATEGORIES = ("C++ decode step", "encoder GEMMs", "decoder GEMMs", "LM head", "attention ops",
+CATEGORIES = ("C++ encoder", "C++ decode step", "encoder GEMMs", "decoder GEMMs", "LM head",
+              "attention ops",
               "norms/activations", "other ops", "overhead")
 WRAPPED_OPS = ("self_attention", "cross_attention", "decode_attention", "append_kv_cache",
                "apply_rope")
 WRAPPED_GEMMS = ("_int8_linear", "_bf16_linear")  # models.quantize's C++ GEMM entry points
 LABEL = "fed::"
 STEP = f"{LABEL}step::decoder"  # models.decoder_step.run: a whole int8/bf16 decode step in C++
+ENCODER = f"{LABEL}step::encoder"  # models.encoder_pass.run: a whole int8/bf16 encoder in C++
 MATMUL_RE = re.compile(r"linear|addmm|(^|::)mm$|matmul|bmm|int8pack|_int_mm|gemm|qlinear")
 
 
@@ -67,11 +69,20 @@ class Attribution:
         self.handles, self.stack = [], []
         self.calls = defaultdict(int)
         self.originals, self.gemm_originals, self.step_original = {}, {}, None
+        self.encoder_original = None
         self.kinds = {}  # module label -> "linear" | "norm" | "mlp" | "attention" | "other"
 
     def install(self):
+        try:
+            from fastencdec.models import encoder_pass
+        except ImportError:  # an older tree: no C++ encoder
+            encoder_pass = None
+        # The one-call encoder runs only while no hook watches the encoder's modules:
+        # leave them unhooked and time the call as a whole.
+        one_call_encoder = encoder_pass is not None and encoder_pass.plan(self.model) is not None
         for name, module in self.model.named_modules():
-            if not name:
+            if not name or (one_call_encoder and name.split(".")[0] in ("encoder",
+                                                                        "encoder_norm")):
                 continue
             label = f"{LABEL}mod::{name}"
             self.kinds[label] = module_kind(name, module)
@@ -98,6 +109,9 @@ class Attribution:
         if decoder_step is not None:
             self.step_original = decoder_step.run
             decoder_step.run = self._wrap("decoder_step", decoder_step.run, STEP)
+        if one_call_encoder:
+            self.encoder_original = encoder_pass.run
+            encoder_pass.run = self._wrap("encoder", encoder_pass.run, ENCODER)
 
     def remove(self):
         for h in self.handles:
@@ -113,6 +127,10 @@ class Attribution:
             from fastencdec.models import decoder_step
 
             decoder_step.run = self.step_original
+        if self.encoder_original is not None:
+            from fastencdec.models import encoder_pass
+
+            encoder_pass.run = self.encoder_original
 
     def _enter(self, label):
         def hook(_module, _args):
@@ -176,6 +194,8 @@ def classify(event, kinds: dict, vocab: int, encdec: bool) -> str | None:
     name = event.name
     if name == STEP:
         return "C++ decode step"
+    if name == ENCODER:
+        return "C++ encoder"
     if name.startswith(f"{LABEL}gemm::"):
         name = "gemm"  # a C++ GEMM: charged like a matmul op to its module
     elif op_label is not None or name.startswith("fastencdec::") or "attention" in name:
@@ -210,6 +230,12 @@ def profile_worker(spec: dict) -> dict:
         from fastencdec.models import decoder_step
 
         decoder_step.step_plan = lambda model: None
+        try:
+            from fastencdec.models import encoder_pass
+        except ImportError:
+            pass
+        else:
+            encoder_pass.plan = lambda model: None
     engine = bg.FastencdecEngine(spec)
     model, vocab = engine.model, engine.model.config.vocab_size
     encdec = spec["arch"] == bg.ENCDEC
@@ -302,8 +328,9 @@ def parse_args(argv):
                    help="unprofiled generations whose median is the wall time (default 3)")
     p.add_argument("--quick", action="store_true", help="tiny preset, a smoke run")
     p.add_argument("--module-path", action="store_true",
-                   help="int8: decode module by module instead of the one-call C++ step "
-                        "(whose inside the profiler cannot split)")
+                   help="int8/bf16: encode and decode module by module instead of the "
+                        "one-call C++ encoder and step (whose inside the profiler cannot "
+                        "split)")
     p.add_argument("--cache-dir", type=Path, default=bg.DEFAULT_CACHE)
     p.add_argument("--results-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None)

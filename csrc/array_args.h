@@ -75,10 +75,12 @@ inline void check_threads(int num_threads) {
   if (num_threads < 1) throw py::value_error("num_threads must be >= 1");
 }
 
-// Defined in bindings_int8.cpp, bindings_bf16.cpp and bindings_decoder_step.cpp.
+// Defined in bindings_int8.cpp, bindings_bf16.cpp, bindings_decoder_step.cpp,
+// bindings_encoder.cpp and bindings_peak.cpp.
 void register_int8_linear(py::module_& m);
 void register_bf16_linear(py::module_& m);
 void register_decoder_step(py::module_& m);
+void register_encoder(py::module_& m);
 void register_dot_peak(py::module_& m);
 
 }  // namespace fastencdec::bind

@@ -16,13 +16,10 @@
 // activations; bf16: bf16 activations, caches and logits, each op rounding its output
 // once, as the module path's ops do).
 #include <cmath>
-#include <cstring>
 #include <string>
 #include <vector>
 
-#include "array_args.h"
-#include "cpu/dispatch.h"
-#include "cpu/isa.h"
+#include "packed_layers.h"
 
 namespace fastencdec::bind {
 
@@ -30,122 +27,6 @@ namespace {
 
 using cpu::AppendKvCacheProblem;
 using cpu::AttentionProblem;
-using cpu::Int8LinearProblem;
-using cpu::RmsNormProblem;
-
-using cpu::Bf16LinearProblem;
-using cpu::Storage;
-
-void int8_impl(const Int8LinearProblem& p) { FED_DISPATCH(int8_linear, p); }
-void bf16_impl(const Bf16LinearProblem& p) { FED_DISPATCH(bf16_linear, p); }
-
-// int8 weights, fp32 activations: (panels int8 [ceil(N/32), ceil(K/4), 32, 4],
-// weight_scale fp32 [N], bias fp32 [N] or None), as Int8Linear packs them.
-struct Int8Format {
-  using Act = float;
-  static constexpr Storage kStorage = Storage::kF32;
-  static constexpr const char* kName = "Int8DecoderStep";
-  struct Linear {
-    const int8_t* panels = nullptr;
-    const float* scale = nullptr;
-    const float* bias = nullptr;
-    int64_t in = 0, out = 0;
-  };
-  static Linear parse(py::tuple t, const std::string& name, int64_t in, int64_t out,
-                      py::list& keep) {
-    if (t.size() != 3)
-      throw py::value_error(name + ": expected (panels, weight_scale, bias)");
-    py::array panels = t[0].cast<py::array>(), scale = t[1].cast<py::array>();
-    Linear w;
-    w.in = in;
-    w.out = out;
-    if (in > cpu::kInt8MaxK) throw py::value_error(name + ": too many inputs");
-    w.panels = checked_data<int8_t>(panels, name.c_str(), 4, false);
-    expect_shape(panels, name.c_str(), {(out + 31) / 32, (in + 3) / 4, 32, 4});
-    w.scale = checked_data<float>(scale, name.c_str(), 1, false);
-    expect_dim(scale, name.c_str(), 0, out);
-    keep.append(panels);
-    keep.append(scale);
-    w.bias = optional_vector<float>(t[2], name.c_str(), out, &keep);
-    return w;
-  }
-  static int64_t out_features(py::tuple t) { return t[1].cast<py::array>().shape(0); }
-  static void run(const Linear& w, const float* x, float* out, int64_t rows, bool gelu,
-                  int threads) {
-    Int8LinearProblem p;
-    p.x = x;
-    p.weight = w.panels;
-    p.weight_scale = w.scale;
-    p.bias = w.bias;
-    p.out = out;
-    p.rows = rows;
-    p.in_features = w.in;
-    p.out_features = w.out;
-    p.gelu = gelu;
-    p.num_threads = threads;
-    int8_impl(p);
-  }
-  static void add(float* x, const float* y, int64_t n) {  // as torch's x + y
-    for (int64_t i = 0; i < n; ++i) x[i] += y[i];
-  }
-};
-
-inline uint16_t round_to_bf16(float f) {  // nearest even, NaN kept quiet (as torch)
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-inline float bf16_value(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-// bf16 weights and activations: (panels bf16 bits [ceil(N/32), ceil(K/2), 32, 2], bias
-// bf16 bits [N] or None, N), as Bf16Linear packs them.
-struct Bf16Format {
-  using Act = uint16_t;
-  static constexpr Storage kStorage = Storage::kBF16;
-  static constexpr const char* kName = "Bf16DecoderStep";
-  struct Linear {
-    const uint16_t* panels = nullptr;
-    const uint16_t* bias = nullptr;
-    int64_t in = 0, out = 0;
-  };
-  static Linear parse(py::tuple t, const std::string& name, int64_t in, int64_t out,
-                      py::list& keep) {
-    if (t.size() != 3) throw py::value_error(name + ": expected (panels, bias, out_features)");
-    py::array panels = t[0].cast<py::array>();
-    Linear w;
-    w.in = in;
-    w.out = out;
-    w.panels = checked_data<uint16_t>(panels, name.c_str(), 4, false);
-    expect_shape(panels, name.c_str(), {(out + 31) / 32, (in + 1) / 2, 32, 2});
-    keep.append(panels);
-    w.bias = optional_vector<uint16_t>(t[1], name.c_str(), out, &keep);
-    return w;
-  }
-  static int64_t out_features(py::tuple t) { return t[2].cast<int64_t>(); }
-  static void run(const Linear& w, const uint16_t* x, uint16_t* out, int64_t rows, bool gelu,
-                  int threads) {
-    Bf16LinearProblem p;
-    p.x = x;
-    p.weight = w.panels;
-    p.bias = w.bias;
-    p.out = out;
-    p.rows = rows;
-    p.in_features = w.in;
-    p.out_features = w.out;
-    p.gelu = gelu;
-    p.num_threads = threads;
-    bf16_impl(p);
-  }
-  static void add(uint16_t* x, const uint16_t* y, int64_t n) {  // torch: fp32 sum, rounded
-    for (int64_t i = 0; i < n; ++i) x[i] = round_to_bf16(bf16_value(x[i]) + bf16_value(y[i]));
-  }
-};
 
 template <class Linear>
 struct Layer {
@@ -157,19 +38,17 @@ struct Layer {
 };
 
 template <class F>
-class DecoderStep {
+class DecoderStep : PackedLayers<F> {
+  using Base = PackedLayers<F>;
   using Act = typename F::Act;
   using Linear = typename F::Linear;
+  using Base::d_, Base::hq_, Base::hkv_, Base::hd_, Base::norm, Base::linear, Base::rms_norm;
 
  public:
   DecoderStep(int64_t d_model, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
-                  double eps, py::list layers, py::array final_norm, py::tuple lm_head)
-      : d_(d_model), hq_(n_heads), hkv_(n_kv_heads), hd_(head_dim), eps_(float(eps)) {
-    if (d_ < 1 || hq_ < 1 || hkv_ < 1 || hd_ < 2 || hd_ % 2 || hq_ % hkv_)
-      throw py::value_error(std::string(F::kName) + ": bad dimensions (n_heads a multiple "
-                            "of n_kv_heads, head_dim even)");
-    if (!std::isfinite(eps) || eps < 0) throw py::value_error("eps must be finite and >= 0");
-    const int64_t q_w = hq_ * hd_, kv_w = hkv_ * hd_;
+              double eps, py::list layers, py::array final_norm, py::tuple lm_head)
+      : Base(F::kName, d_model, n_heads, n_kv_heads, head_dim, eps) {
+    const int64_t q_w = this->q_width(), kv_w = this->kv_width();
     for (py::handle item : layers) {
       py::tuple t = py::reinterpret_borrow<py::tuple>(item);
       if (t.size() != 9 && t.size() != 6)
@@ -280,10 +159,7 @@ class DecoderStep {
     for (const Layer<Linear>& l : layers_) d_ff = std::max(d_ff, l.fc1.out);
     std::vector<Act> h(R * d_), qkv(R * width), q(R * q_w), k(R * kv_w), v(R * kv_w),
         q_rot(R * q_w), o(R * q_w), y(R * d_), f(R * d_ff);
-    std::vector<double> inv_freq(hd_ / 2);
-    for (int64_t i = 0; i < hd_ / 2; ++i)
-      inv_freq[i] = std::pow(rope_base, -double(2 * i) / double(hd_));
-    const float scale = 1.0f / std::sqrt(float(hd_));
+    const std::vector<double> inv_freq = rope_inv_freq(rope_base, hd_);
     const int64_t cache_layer = R * max_len * kv_w;
 
     for (int64_t li = 0; li < L; ++li) {
@@ -291,12 +167,7 @@ class DecoderStep {
       // self-attention
       rms_norm(xd, l.norm1, h.data(), R, threads);
       linear(l.qkv, h.data(), qkv.data(), R, false, threads);
-      for (int64_t r = 0; r < R; ++r) {  // split [q | k | v] per row
-        const Act* row = qkv.data() + r * width;
-        std::copy(row, row + q_w, q.data() + r * q_w);
-        std::copy(row + q_w, row + q_w + kv_w, k.data() + r * kv_w);
-        std::copy(row + q_w + kv_w, row + width, v.data() + r * kv_w);
-      }
+      this->split_qkv(qkv.data(), R, q.data(), k.data(), v.data());
       AppendKvCacheProblem a;
       a.storage = F::kStorage;
       a.q = q.data();
@@ -315,15 +186,22 @@ class DecoderStep {
       a.inv_freq = inv_freq.data();
       a.num_threads = threads;
       append_kv_cache_impl(a);
-      attend(q_rot.data(), kc + li * cache_layer, vc + li * cache_layer, o.data(), R, 1,
-             max_len, kmask, after64.data(), true, scale, threads);
+      AttentionProblem self = this->attention(q_rot.data(), kc + li * cache_layer,
+                                              vc + li * cache_layer, o.data(), R, 1, max_len,
+                                              threads);
+      self.key_mask = kmask;
+      self.kv_seqlens = after64.data();
+      self.causal = true;
+      attention_impl(self);
       linear(l.out, o.data(), y.data(), R, false, threads);
       F::add(xd, y.data(), R * d_);
       if (l.cross) {  // cross-attention: the R / B rows of one input fold into its query axis
         rms_norm(xd, l.norm2, h.data(), R, threads);
         linear(l.cross_q, h.data(), q.data(), R, false, threads);
-        attend(q.data(), ckd[li], cvd[li], o.data(), batch, R / batch, enc_len, emask, nullptr,
-               false, scale, threads);
+        AttentionProblem cross_p = this->attention(q.data(), ckd[li], cvd[li], o.data(), batch,
+                                                   R / batch, enc_len, threads);
+        cross_p.key_mask = emask;
+        attention_impl(cross_p);
         linear(l.cross_out, o.data(), y.data(), R, false, threads);
         F::add(xd, y.data(), R * d_);
       }
@@ -338,73 +216,10 @@ class DecoderStep {
   }
 
  private:
-  static void append_kv_cache_impl(const AppendKvCacheProblem& p) {
-    FED_DISPATCH(append_kv_cache, p);
-  }
-  static void attention_impl(const AttentionProblem& p) { FED_DISPATCH(attention_forward, p); }
-  static void rms_norm_impl(const RmsNormProblem& p) { FED_DISPATCH(rms_norm, p); }
-
-  void rms_norm(const Act* x, const float* w, Act* out, int64_t rows, int threads) const {
-    RmsNormProblem p;
-    p.storage = F::kStorage;
-    p.x = x;
-    p.out = out;
-    p.weight = w;
-    p.rows = rows;
-    p.dim = d_;
-    p.eps = eps_;
-    p.num_threads = threads;
-    rms_norm_impl(p);
-  }
-
-  static void linear(const Linear& w, const Act* x, Act* out, int64_t rows, bool gelu,
-                     int threads) {
-    F::run(w, x, out, rows, gelu, threads);
-  }
-
-  // q [batch, q_len, Hq, D] against k/v [batch, kv_len, Hkv, D] (the layout of
-  // AttentionProblem).
-  void attend(const Act* q, const Act* k, const Act* v, Act* out, int64_t batch,
-              int64_t q_len, int64_t kv_len, const bool* key_mask, const int64_t* seqlens,
-              bool causal, float scale, int threads) const {
-    AttentionProblem p;
-    p.storage = F::kStorage;
-    p.q = q;
-    p.k = k;
-    p.v = v;
-    p.out = out;
-    p.batch = batch;
-    p.q_len = q_len;
-    p.kv_len = kv_len;
-    p.q_heads = hq_;
-    p.kv_heads = hkv_;
-    p.head_dim = hd_;
-    p.key_mask = key_mask;
-    p.kv_seqlens = seqlens;
-    p.causal = causal;
-    p.scale = scale;
-    p.num_threads = threads;
-    attention_impl(p);
-  }
-
-  const float* norm(py::handle obj, const char* name) {
-    py::array a = py::reinterpret_borrow<py::object>(obj).cast<py::array>();
-    const float* d = checked_data<float>(a, name, 1, false);
-    expect_dim(a, name, 0, d_);
-    keep_.append(a);
-    return d;
-  }
-
-  Linear linear(py::handle obj, const char* name, int64_t in, int64_t out) {
-    return F::parse(py::reinterpret_borrow<py::tuple>(obj), name, in, out, keep_);
-  }
-
-  int64_t d_, hq_, hkv_, hd_, vocab_ = 0;
-  float eps_;
+  int64_t vocab_ = 0;
   std::vector<Layer<Linear>> layers_;
   const float* final_norm_ = nullptr;
   Linear lm_head_;
-  py::list keep_;  // the arrays the pointers above read
 };
 
 template <class F>

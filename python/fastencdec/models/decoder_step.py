@@ -21,50 +21,16 @@ recomputation) takes the module path.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
-from . import quantize
-from .layers import GeluMLP, RMSNorm
+from . import packed_plan
+from .layers import GeluMLP
+from .packed_plan import bits as _bits
 
 try:
     from fastencdec._C import Bf16DecoderStep, Int8DecoderStep
 except ImportError:  # pragma: no cover - the compiled module is part of the package
     Bf16DecoderStep = Int8DecoderStep = None
-
-# weight format -> (the C++ step, its linear layers, its activations' dtype)
-_FORMATS = {"int8": (lambda: Int8DecoderStep, quantize.Int8Linear, torch.float32),
-            "bf16": (lambda: Bf16DecoderStep, quantize.Bf16Linear, torch.bfloat16)}
-
-
-def _bits(t: torch.Tensor):
-    """Zero-copy numpy view (bf16 as its uint16 bits)."""
-    return t.numpy() if t.dtype is not torch.bfloat16 else t.view(torch.uint16).numpy()
-
-
-def _linear(module, fmt: str, refs: list) -> tuple | None:
-    _, cls, dtype = _FORMATS[fmt]
-    if type(module) is not cls or module._packed is None:
-        return None
-    bias = module.bias
-    refs.append((module, "bias", bias))
-    if bias is not None and (bias.dtype != dtype or not bias.is_contiguous()):
-        return None
-    bias = None if bias is None else _bits(bias.detach())
-    if fmt == "int8":
-        return (*module._packed["args"], bias)
-    return module._packed["args"][0], bias, module.out_features
-
-
-def _norm(module, eps: float, refs: list):
-    if not isinstance(module, RMSNorm) or module.eps != eps:
-        return None
-    w = module.weight
-    refs.append((module, "weight", w))
-    if w.dtype != torch.float32 or not w.is_contiguous() or w.device.type != "cpu":
-        return None
-    return w.detach().numpy()
 
 
 def _blocks(model):
@@ -78,53 +44,38 @@ def _build(model, fmt: str):
     """(the C++ step for ``model`` in ``fmt`` or None when its structure does not fit,
     the (module, attribute, tensor) triples whose replacement makes it stale)."""
     config = model.config
-    lin = lambda module: _linear(module, fmt, refs)  # noqa: E731
-    eps = config.norm_eps
+    lin = lambda module: packed_plan.linear(module, fmt, refs)  # noqa: E731
+    nrm = lambda module: packed_plan.norm(module, config.norm_eps, refs)  # noqa: E731
     blocks, final_norm, cross = _blocks(model)
     layers, refs = [], []
     for block in blocks:
         attn, mlp = (block.self_attn if cross else block.attn), block.mlp
         qkv = attn._modules.get("qkv_proj")
-        if not isinstance(mlp, GeluMLP) or getattr(mlp.fc1, "activation", None) != "gelu_tanh":
+        if not isinstance(mlp, GeluMLP) or not packed_plan.fused_gelu(mlp.fc1, refs):
             return None, refs
-        parts = [_norm(block.norm1, eps, refs), lin(qkv), lin(attn.out_proj)]
+        parts = [nrm(block.norm1), lin(qkv), lin(attn.out_proj)]
         if cross:
-            parts += [_norm(block.norm2, eps, refs), lin(block.cross_attn.q_proj),
-                      lin(block.cross_attn.out_proj), _norm(block.norm3, eps, refs)]
+            parts += [nrm(block.norm2), lin(block.cross_attn.q_proj),
+                      lin(block.cross_attn.out_proj), nrm(block.norm3)]
         else:
-            parts.append(_norm(block.norm2, eps, refs))
+            parts.append(nrm(block.norm2))
         parts += [lin(mlp.fc1), lin(mlp.fc2)]
         if any(p is None for p in parts):
             return None, refs
         layers.append(tuple(parts))
-    final, head = _norm(final_norm, eps, refs), lin(model.lm_head)
+    final, head = nrm(final_norm), lin(model.lm_head)
     if final is None or head is None or not layers:
         return None, refs
-    return _FORMATS[fmt][0]()(config.d_model, config.n_heads, config.n_kv_heads, config.head_dim,
-                           eps, layers, final, head), refs
-
-
-# model -> (pack version, plan or None, refs); weak, so a plan never outlives its model,
-# and kept off the module so that copying or pickling a model never meets it
-_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    step = Int8DecoderStep if fmt == "int8" else Bf16DecoderStep
+    return step(config.d_model, config.n_heads, config.n_kv_heads, config.head_dim,
+                config.norm_eps, layers, final, head), refs
 
 
 def step_plan(model):
     """The cached C++ step of an int8 or bf16 ``model`` (None if it has none)."""
     if Int8DecoderStep is None:
         return None
-    version = quantize.pack_version()
-    cached = _PLANS.get(model)
-    if (cached is None or cached[0] != version
-            or any(getattr(m, name) is not t for m, name, t in cached[2])):
-        fmt = quantize.weight_format(model)
-        if fmt in _FORMATS:
-            plan, refs = _build(model, fmt)
-        else:
-            plan, refs = None, []
-        cached = (version, plan, refs)
-        _PLANS[model] = cached
-    return cached[1]
+    return packed_plan.cached(model, "decoder_step", _build)
 
 
 def _cross_views(cross_kv, dtype):

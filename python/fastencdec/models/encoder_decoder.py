@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .. import generation, inputs
-from . import decoder_step
+from . import decoder_step, encoder_pass
 from .config import EncDecConfig
 from .layers import Block, DecoderBlock, RMSNorm, init_weights
 from .outputs import IGNORE_INDEX, LMOutput, lm_loss
@@ -73,6 +73,9 @@ class EncoderDecoderLM(PretrainedMixin, nn.Module):
         return self._decode(ids, encoder_states, attention_mask, dmask)
 
     def _encode(self, x, mask):
+        states = encoder_pass.run(self, x, mask)  # int8/bf16: the encoder in one C++ call
+        if states is not None:
+            return states
         positions = None if mask is None else inputs.positions_from_mask(mask)
         # dynamic NTK: the base at the padded length, like the reference model
         rope_len = x.shape[1] if self.config.rope_scaling_factor > 1.0 else None

@@ -1,0 +1,184 @@
+"""The int8 and bf16 encoders in one C++ call (models/encoder_pass.py) against the module
+path: the same kernels in the same order on the same data, so the states must be
+bitwise equal, for every padding pattern, batch, GQA ratio and RoPE setting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from _helpers import randomize
+from fastencdec import EncDecConfig, EncoderDecoderLM
+from fastencdec.models import encoder_pass
+from fastencdec.models.quantize import to_inference
+
+_C = pytest.importorskip("fastencdec._C")
+
+TINY = EncDecConfig.preset("tiny")
+FORMATS = ["int8", "bf16"]
+CASES = [
+    dict(),                                                  # GQA 4/2, biases
+    dict(n_encoder_layers=3, attn_bias=False, d_ff=72),      # d_ff not a panel multiple
+    dict(n_heads=3, n_kv_heads=1, head_dim=34, d_model=40),  # GQA 3/1, odd widths
+    dict(rope_scaling_factor=2.0, max_position_embeddings=16),  # dynamic NTK (L > 16)
+]
+
+
+@pytest.fixture(params=[1, 2])
+def threads(request):
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
+def _both_paths(model, monkeypatch, **inputs):
+    with torch.inference_mode():
+        fast = model.encode(**inputs)
+        with monkeypatch.context() as m:
+            m.setattr(encoder_pass, "run", lambda *a, **k: None)
+            slow = model.encode(**inputs)
+    return fast, slow
+
+
+def _mask(kind: str, batch: int, seq_len: int, gen) -> torch.Tensor | None:
+    if kind == "none":
+        return None
+    mask = torch.ones(batch, seq_len, dtype=torch.bool)
+    if kind == "mixed":  # right, left and inner padding, and one row of padding only
+        mask[0, seq_len - 3:] = False
+        mask[1 % batch, :2] = False
+        mask[2 % batch, 4:7] = False
+        mask[batch - 1] = False
+    else:  # random
+        mask = torch.rand(batch, seq_len, generator=gen) < 0.7
+    return mask
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("mask_kind", ["none", "mixed", "random"])
+def test_one_call_encoder_equals_the_module_path(fmt, case, mask_kind, threads, seed,
+                                                 monkeypatch):
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = to_inference(randomize(EncoderDecoderLM(TINY.replace(**CASES[case]))), fmt)
+    assert encoder_pass.plan(model) is not None
+    batch, seq_len = 4, int(torch.randint(17, 40, (1,), generator=gen))
+    ids = torch.randint(3, TINY.vocab_size, (batch, seq_len), generator=gen)
+    mask = _mask(mask_kind, batch, seq_len, gen)
+    fast, slow = _both_paths(model, monkeypatch, input_ids=ids, attention_mask=mask)
+    assert fast.dtype == slow.dtype == (torch.bfloat16 if fmt == "bf16" else torch.float32)
+    assert torch.equal(fast, slow), f"max diff {(fast.float() - slow.float()).abs().max():.3g}"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_more_rows_than_one_mlp_block(fmt, seed, monkeypatch):
+    """B * L above the 512 rows the MLP runs at a time: blocks give the same rows."""
+    torch.manual_seed(seed)
+    model = to_inference(randomize(EncoderDecoderLM(TINY)), fmt)
+    ids = torch.randint(3, TINY.vocab_size, (3, 211))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, 150:] = False
+    fast, slow = _both_paths(model, monkeypatch, input_ids=ids, attention_mask=mask)
+    assert torch.equal(fast, slow)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_inputs_embeds_are_read_not_written(fmt, seed, monkeypatch):
+    torch.manual_seed(seed)
+    model = to_inference(randomize(EncoderDecoderLM(TINY)), fmt)
+    dtype = torch.bfloat16 if fmt == "bf16" else torch.float32
+    embeds = torch.randn(2, 13, TINY.d_model).to(dtype)
+    before = embeds.clone()
+    fast, slow = _both_paths(model, monkeypatch, inputs_embeds=embeds)
+    assert torch.equal(embeds, before)
+    assert torch.equal(fast, slow)
+    # a strided view of a larger tensor is read as its values
+    wide = torch.randn(2, 13, 2 * TINY.d_model).to(dtype)
+    view = wide[..., ::2]
+    fast, slow = _both_paths(model, monkeypatch, inputs_embeds=view)
+    assert torch.equal(fast, slow)
+
+
+def test_the_module_path_runs_where_the_one_call_cannot(seed, monkeypatch):
+    torch.manual_seed(seed)
+    assert encoder_pass.plan(randomize(EncoderDecoderLM(TINY))) is None  # fp32
+    assert encoder_pass.plan(
+        to_inference(randomize(EncoderDecoderLM(TINY.replace(mlp="swiglu"))), "int8")) is None
+    assert encoder_pass.plan(
+        to_inference(randomize(EncoderDecoderLM(TINY)), "int8", fuse=False)) is None
+    model = to_inference(randomize(EncoderDecoderLM(TINY)), "int8")
+    ids = torch.randint(3, TINY.vocab_size, (2, 9))
+    calls = []
+    original = encoder_pass.run
+
+    def counting(*args):
+        out = original(*args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(encoder_pass, "run", counting)
+    with torch.no_grad():
+        model.encode(ids)
+        seen = []  # a forward hook on an encoder block must see it run
+        handle = model.encoder[1].mlp.register_forward_hook(lambda *a: seen.append(1))
+        model.encode(ids)
+        handle.remove()
+        model.train()
+        model.encode(ids)
+        model.eval()
+    assert calls == [True, False, False] and seen == [1]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_plan_follows_the_weights(fmt, seed):
+    torch.manual_seed(seed)
+    model = to_inference(randomize(EncoderDecoderLM(TINY)), fmt)
+    plan = encoder_pass.plan(model)
+    assert plan is not None and encoder_pass.plan(model) is plan  # cached
+    ids = torch.randint(3, TINY.vocab_size, (2, 9))
+    with torch.no_grad():
+        before = model.encode(ids)
+        fc2 = model.encoder[0].mlp.fc2
+        plain = fc2.unpacked()
+        fc2.pack(**dict(plain, weight=-plain["weight"]))
+        assert encoder_pass.plan(model) is not plan
+        after = model.encode(ids)
+        model.encoder_norm.weight.mul_(2)  # read in place
+        doubled = model.encode(ids)
+    assert not torch.equal(before, after), "the repacked fc2 was not used"
+    assert not torch.equal(after, doubled), "the updated norm weight was not read"
+    model.encoder[1].mlp.fc1.activation = None  # GELU back in the module: no one-call path
+    assert encoder_pass.plan(model) is None
+    model.encoder[1].mlp.fc1.activation = "gelu_tanh"
+    assert encoder_pass.plan(model) is not None
+
+
+def test_bad_arguments_are_clear_errors(seed):
+    torch.manual_seed(seed)
+    model = to_inference(randomize(EncoderDecoderLM(TINY)), "int8")
+    enc = encoder_pass.plan(model)
+    d = TINY.d_model
+    x = np.zeros((2, 5, d), np.float32)
+    pos = np.arange(5, dtype=np.int64)[None]
+    states = np.zeros_like(x)
+    enc.forward(x, None, pos, 10000.0, states, 1)  # fine
+    with pytest.raises(ValueError, match="states: dimension 1"):
+        enc.forward(x, None, pos, 10000.0, np.zeros((2, 4, d), np.float32), 1)
+    with pytest.raises(ValueError, match="positions: dimension 0"):
+        enc.forward(x, None, np.zeros((3, 5), np.int64), 10000.0, states, 1)
+    with pytest.raises(TypeError, match="positions: expected dtype int64"):
+        enc.forward(x, None, pos.astype(np.int32), 10000.0, states, 1)
+    with pytest.raises(ValueError, match="key_mask: dimension 1"):
+        enc.forward(x, np.ones((2, 4), bool), pos, 10000.0, states, 1)
+    with pytest.raises(ValueError, match="rope_base"):
+        enc.forward(x, None, pos, float("nan"), states, 1)
+    with pytest.raises(TypeError, match="x: expected dtype float32"):
+        enc.forward(x.astype(np.float64), None, pos, 10000.0, states, 1)
+    big = np.zeros((2 * 5 * d + 1,), np.float32)
+    with pytest.raises(ValueError, match="not overlap"):
+        enc.forward(big[1:].reshape(2, 5, d), None, pos, 10000.0, big[:-1].reshape(2, 5, d), 1)
+    with pytest.raises(ValueError, match="each layer is"):
+        _C.Int8Encoder(d, 4, 2, 32, 1e-6, [(1, 2)], np.ones(d, np.float32))
