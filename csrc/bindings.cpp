@@ -165,9 +165,11 @@ const int64_t* checked_seqlens(py::array& lens, int64_t batch, int64_t max_len, 
 
 void self_attention(py::array q, py::array k, py::array v, py::array out,
                     py::object key_padding_mask, py::object positions, bool causal, double scale,
-                    double rope_base, const std::string& storage, int num_threads) {
+                    double rope_base, const std::string& storage, int num_threads,
+                    bool bf16_dot) {
   AttentionProblem p;
   p.storage = parse_storage(storage);
+  p.bf16_dot = bf16_dot;
   attention_arrays(p, q, k, v, out, "k", "v");
   expect_dim(k, "k", 1, p.q_len);
   set_key_mask(p, key_padding_mask);
@@ -290,10 +292,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("self_attention", &self_attention, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("key_padding_mask"), py::arg("positions"), py::arg("causal"),
         py::arg("scale"), py::arg("rope_base"), py::arg("storage"), py::arg("num_threads"),
+        py::arg("bf16_dot") = false,
         "Self-attention of q [B, L, Hq, D] with k/v [B, L, Hkv, D] into out [B, L, Hq, D]. "
         "key_padding_mask: bool [B, L] or None. positions: int64/int32 [1 or B, L] for fused RoPE "
         "with rope_base, or None for no RoPE. storage: 'float32' (float32 arrays) or "
-        "'bfloat16'/'float16' (uint16 arrays of the bits).");
+        "'bfloat16'/'float16' (uint16 arrays of the bits). bf16_dot: bf16 operands "
+        "(q, k after RoPE, v, probabilities), fp32 sums (AttentionProblem::bf16_dot).");
   m.def("cross_attention", &cross_attention, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("key_padding_mask"), py::arg("scale"), py::arg("storage"),
         py::arg("num_threads"),

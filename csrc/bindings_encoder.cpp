@@ -69,9 +69,10 @@ class Encoder : PackedLayers<F> {
   // x [B, L, d] (F::Act): the embedded input (read); key_mask bool [B, L] or None (True
   // = real token); positions int64 [P, L] with P 1 (shared) or B: the RoPE positions;
   // rope_base: the effective base; states [B, L, d] (out, may be x): the residual
-  // stream while the layers run, then final_norm of it.
+  // stream while the layers run, then final_norm of it. bf16_attention: the attention's
+  // products on bf16 operands (AttentionProblem::bf16_dot); false: as the module path.
   void forward(py::array x, py::object key_mask, py::array positions, double rope_base,
-               py::array states, int num_threads) {
+               py::array states, bool bf16_attention, int num_threads) {
     const Act* in = checked_data<Act>(x, "x", 3, false);
     const int64_t B = x.shape(0), L = x.shape(1);
     expect_dim(x, "x", 2, d_);
@@ -113,6 +114,7 @@ class Encoder : PackedLayers<F> {
     attn.positions = pos;
     attn.pos_batch = pos_batch;
     attn.inv_freq = inv_freq.data();
+    attn.bf16_dot = bf16_attention;
 
     for (const EncoderLayer<Linear>& l : layers_) {
       rms_norm(xd, l.norm1, h.data(), R, threads);
@@ -148,7 +150,8 @@ void register_encoder(py::module_& m, const char* doc) {
            py::arg("eps"), py::arg("layers"), py::arg("final_norm"))
       .def_property_readonly("n_layers", &E::n_layers)
       .def("forward", &E::forward, py::arg("x"), py::arg("key_mask"), py::arg("positions"),
-           py::arg("rope_base"), py::arg("states"), py::arg("num_threads"));
+           py::arg("rope_base"), py::arg("states"), py::arg("bf16_attention"),
+           py::arg("num_threads"));
 }
 
 }  // namespace

@@ -4,6 +4,8 @@ bitwise equal, for every padding pattern, batch, GQA ratio and RoPE setting."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -34,6 +36,9 @@ def threads(request):
 
 
 def _both_paths(model, monkeypatch, **inputs):
+    """The one-call encoder with the module path's fp32 attention products, and the
+    module path."""
+    model.encoder_attention = "fp32"
     with torch.inference_mode():
         fast = model.encode(**inputs)
         with monkeypatch.context() as m:
@@ -71,6 +76,39 @@ def test_one_call_encoder_equals_the_module_path(fmt, case, mask_kind, threads, 
     fast, slow = _both_paths(model, monkeypatch, input_ids=ids, attention_mask=mask)
     assert fast.dtype == slow.dtype == (torch.bfloat16 if fmt == "bf16" else torch.float32)
     assert torch.equal(fast, slow), f"max diff {(fast.float() - slow.float()).abs().max():.3g}"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("case", [0, 2, 3])
+def test_bf16_attention_is_as_accurate_and_row_independent(fmt, case, seed, monkeypatch):
+    """The default bf16 attention products: against the float model, the converted
+    model's states are about as far off as with fp32 products (the int8/bf16 weights
+    dominate the error), and each row equals that row encoded alone."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    float_model = randomize(EncoderDecoderLM(TINY.replace(**CASES[case])))
+    model = to_inference(copy.deepcopy(float_model), fmt)
+    ids = torch.randint(3, TINY.vocab_size, (3, 37), generator=gen)
+    mask = _mask("mixed", 3, 37, gen)
+    mask[2] = torch.arange(37) < 30  # instead of all padding: errors are measured on it
+    with torch.inference_mode():
+        want = float_model.encode(ids, attention_mask=mask)
+        _, fp32 = _both_paths(model, monkeypatch, input_ids=ids, attention_mask=mask)
+        model.encoder_attention = "bf16"
+        fast = model.encode(ids, attention_mask=mask)
+        rows = [model.encode(ids[b:b + 1], attention_mask=mask[b:b + 1]) for b in range(3)]
+    assert not torch.equal(fast, fp32), "bf16 attention products changed nothing"
+    keep = mask[:, :, None].expand_as(fast)
+
+    def err(x):
+        return ((x.float() - want)[keep].norm() / want[keep].norm()).item()
+
+    assert err(fast) < 1.25 * err(fp32) + 5e-3, (err(fast), err(fp32))
+    for b in range(3):
+        assert torch.equal(fast[b:b + 1], rows[b])
+    model.encoder_attention = "fp16"
+    with pytest.raises(ValueError, match="encoder_attention must be one of"):
+        model.encode(ids)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -164,21 +202,22 @@ def test_bad_arguments_are_clear_errors(seed):
     x = np.zeros((2, 5, d), np.float32)
     pos = np.arange(5, dtype=np.int64)[None]
     states = np.zeros_like(x)
-    enc.forward(x, None, pos, 10000.0, states, 1)  # fine
+    enc.forward(x, None, pos, 10000.0, states, True, 1)  # fine
     with pytest.raises(ValueError, match="states: dimension 1"):
-        enc.forward(x, None, pos, 10000.0, np.zeros((2, 4, d), np.float32), 1)
+        enc.forward(x, None, pos, 10000.0, np.zeros((2, 4, d), np.float32), False, 1)
     with pytest.raises(ValueError, match="positions: dimension 0"):
-        enc.forward(x, None, np.zeros((3, 5), np.int64), 10000.0, states, 1)
+        enc.forward(x, None, np.zeros((3, 5), np.int64), 10000.0, states, False, 1)
     with pytest.raises(TypeError, match="positions: expected dtype int64"):
-        enc.forward(x, None, pos.astype(np.int32), 10000.0, states, 1)
+        enc.forward(x, None, pos.astype(np.int32), 10000.0, states, False, 1)
     with pytest.raises(ValueError, match="key_mask: dimension 1"):
-        enc.forward(x, np.ones((2, 4), bool), pos, 10000.0, states, 1)
+        enc.forward(x, np.ones((2, 4), bool), pos, 10000.0, states, False, 1)
     with pytest.raises(ValueError, match="rope_base"):
-        enc.forward(x, None, pos, float("nan"), states, 1)
+        enc.forward(x, None, pos, float("nan"), states, False, 1)
     with pytest.raises(TypeError, match="x: expected dtype float32"):
-        enc.forward(x.astype(np.float64), None, pos, 10000.0, states, 1)
+        enc.forward(x.astype(np.float64), None, pos, 10000.0, states, False, 1)
     big = np.zeros((2 * 5 * d + 1,), np.float32)
     with pytest.raises(ValueError, match="not overlap"):
-        enc.forward(big[1:].reshape(2, 5, d), None, pos, 10000.0, big[:-1].reshape(2, 5, d), 1)
+        enc.forward(big[1:].reshape(2, 5, d), None, pos, 10000.0, big[:-1].reshape(2, 5, d),
+                    False, 1)
     with pytest.raises(ValueError, match="each layer is"):
         _C.Int8Encoder(d, 4, 2, 32, 1e-6, [(1, 2)], np.ones(d, np.float32))

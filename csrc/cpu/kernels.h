@@ -34,6 +34,12 @@ struct AttentionProblem {
   const int64_t* positions = nullptr;
   int64_t pos_batch = 0;
   const double* inv_freq = nullptr;
+  // bf16 operands: q and k (after RoPE), v and the softmax probabilities rounded to bf16,
+  // products summed in fp32 (as flash attention on GPUs; AVX512_BF16 vdpbf16ps where
+  // the CPU has it, FMAs on the rounded values elsewhere). The softmax itself, its row
+  // sums and the output stay fp32. Honoured by the many-queries (prefill) strategy; the
+  // few-queries (decode) one computes in fp32.
+  bool bf16_dot = false;
   int num_threads = 1;
 };
 

@@ -30,6 +30,9 @@ class EncoderDecoderLM(PretrainedMixin, nn.Module):
 
     config_class = EncDecConfig
     is_encoder_decoder = True
+    # int8/bf16 inference models: the one-call encoder's attention products on bf16
+    # operands ("bf16") or in fp32 as the module path ("fp32"); see models/encoder_pass.py
+    encoder_attention = "bf16"
 
     def __init__(self, config: EncDecConfig):
         super().__init__()
