@@ -76,11 +76,11 @@ inline void check_threads(int num_threads) {
 }
 
 // Defined in bindings_int8.cpp, bindings_bf16.cpp, bindings_decoder_step.cpp,
-// bindings_encoder.cpp and bindings_peak.cpp.
+// bindings_blocks.cpp and bindings_peak.cpp.
 void register_int8_linear(py::module_& m);
 void register_bf16_linear(py::module_& m);
 void register_decoder_step(py::module_& m);
-void register_encoder(py::module_& m);
+void register_blocks(py::module_& m);
 void register_dot_peak(py::module_& m);
 
 }  // namespace fastencdec::bind

@@ -321,7 +321,7 @@ PYBIND11_MODULE(_C, m) {
   fastencdec::bind::register_int8_linear(m);
   fastencdec::bind::register_bf16_linear(m);
   fastencdec::bind::register_decoder_step(m);
-  fastencdec::bind::register_encoder(m);
+  fastencdec::bind::register_blocks(m);
   fastencdec::bind::register_dot_peak(m);
   m.def("active_isa", [] { return std::string(fastencdec::cpu::isa_name(fastencdec::cpu::active_isa())); },
         "ISA the kernels run with (honours FASTENCDEC_CPU_ISA).");

@@ -21,6 +21,11 @@ inline void int8_impl(const cpu::Int8LinearProblem& p) { FED_DISPATCH(int8_linea
 inline void bf16_impl(const cpu::Bf16LinearProblem& p) { FED_DISPATCH(bf16_linear, p); }
 inline void attention_impl(const cpu::AttentionProblem& p) { FED_DISPATCH(attention_forward, p); }
 inline void rms_norm_impl(const cpu::RmsNormProblem& p) { FED_DISPATCH(rms_norm, p); }
+inline void apply_rope_impl(const float* x, float* out, const int64_t* pos,
+                            const double* inv_freq, int64_t rows, int64_t heads,
+                            int64_t head_dim, int threads) {
+  FED_DISPATCH(apply_rope, x, out, pos, inv_freq, rows, heads, head_dim, threads);
+}
 inline void append_kv_cache_impl(const cpu::AppendKvCacheProblem& p) {
   FED_DISPATCH(append_kv_cache, p);
 }
@@ -31,7 +36,7 @@ struct Int8Format {
   using Act = float;
   static constexpr cpu::Storage kStorage = cpu::Storage::kF32;
   static constexpr const char* kName = "Int8DecoderStep";
-  static constexpr const char* kEncoderName = "Int8Encoder";
+  static constexpr const char* kBlocksName = "Int8Blocks";
   struct Linear {
     const int8_t* panels = nullptr;
     const float* scale = nullptr;
@@ -72,6 +77,8 @@ struct Int8Format {
     p.num_threads = threads;
     int8_impl(p);
   }
+  static float widen(float v) { return v; }
+  static float narrow(float v) { return v; }
   static void add(float* x, const float* y, int64_t n) {  // as torch's x + y
     for (int64_t i = 0; i < n; ++i) x[i] += y[i];
   }
@@ -96,7 +103,7 @@ struct Bf16Format {
   using Act = uint16_t;
   static constexpr cpu::Storage kStorage = cpu::Storage::kBF16;
   static constexpr const char* kName = "Bf16DecoderStep";
-  static constexpr const char* kEncoderName = "Bf16Encoder";
+  static constexpr const char* kBlocksName = "Bf16Blocks";
   struct Linear {
     const uint16_t* panels = nullptr;
     const uint16_t* bias = nullptr;
@@ -130,6 +137,8 @@ struct Bf16Format {
     p.num_threads = threads;
     bf16_impl(p);
   }
+  static float widen(uint16_t v) { return bf16_value(v); }
+  static uint16_t narrow(float v) { return round_to_bf16(v); }
   static void add(uint16_t* x, const uint16_t* y, int64_t n) {  // torch: fp32 sum, rounded
     for (int64_t i = 0; i < n; ++i) x[i] = round_to_bf16(bf16_value(x[i]) + bf16_value(y[i]));
   }

@@ -202,22 +202,22 @@ def test_bad_arguments_are_clear_errors(seed):
     x = np.zeros((2, 5, d), np.float32)
     pos = np.arange(5, dtype=np.int64)[None]
     states = np.zeros_like(x)
-    enc.forward(x, None, pos, 10000.0, states, True, 1)  # fine
+    enc.encode(x, None, pos, 10000.0, states, True, 1)  # fine
     with pytest.raises(ValueError, match="states: dimension 1"):
-        enc.forward(x, None, pos, 10000.0, np.zeros((2, 4, d), np.float32), False, 1)
+        enc.encode(x, None, pos, 10000.0, np.zeros((2, 4, d), np.float32), False, 1)
     with pytest.raises(ValueError, match="positions: dimension 0"):
-        enc.forward(x, None, np.zeros((3, 5), np.int64), 10000.0, states, False, 1)
+        enc.encode(x, None, np.zeros((3, 5), np.int64), 10000.0, states, False, 1)
     with pytest.raises(TypeError, match="positions: expected dtype int64"):
-        enc.forward(x, None, pos.astype(np.int32), 10000.0, states, False, 1)
+        enc.encode(x, None, pos.astype(np.int32), 10000.0, states, False, 1)
     with pytest.raises(ValueError, match="key_mask: dimension 1"):
-        enc.forward(x, np.ones((2, 4), bool), pos, 10000.0, states, False, 1)
+        enc.encode(x, np.ones((2, 4), bool), pos, 10000.0, states, False, 1)
     with pytest.raises(ValueError, match="rope_base"):
-        enc.forward(x, None, pos, float("nan"), states, False, 1)
+        enc.encode(x, None, pos, float("nan"), states, False, 1)
     with pytest.raises(TypeError, match="x: expected dtype float32"):
-        enc.forward(x.astype(np.float64), None, pos, 10000.0, states, False, 1)
+        enc.encode(x.astype(np.float64), None, pos, 10000.0, states, False, 1)
     big = np.zeros((2 * 5 * d + 1,), np.float32)
     with pytest.raises(ValueError, match="not overlap"):
-        enc.forward(big[1:].reshape(2, 5, d), None, pos, 10000.0, big[:-1].reshape(2, 5, d),
+        enc.encode(big[1:].reshape(2, 5, d), None, pos, 10000.0, big[:-1].reshape(2, 5, d),
                     False, 1)
     with pytest.raises(ValueError, match="each layer is"):
-        _C.Int8Encoder(d, 4, 2, 32, 1e-6, [(1, 2)], np.ones(d, np.float32))
+        _C.Int8Blocks(d, 4, 2, 32, 1e-6, [(1, 2)], np.ones(d, np.float32))

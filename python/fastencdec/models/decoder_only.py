@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .. import generation, inputs
-from . import decoder_step
+from . import decoder_prefill, decoder_step
 from .config import DecoderOnlyConfig
 from .layers import Block, RMSNorm, init_weights
 from .outputs import IGNORE_INDEX, LMOutput, lm_loss
@@ -78,8 +78,12 @@ class DecoderOnlyLM(PretrainedMixin, nn.Module):
         copies per prompt when the cache holds ``n * B`` rows). Returns each prompt's
         next-token logits ``[B, vocab]`` (at its last real token)."""
         cache.record(x, start=0)
-        for i, block in enumerate(self.layers):
-            x = block.prefill(x, attention_mask, cache, i)
+        states = decoder_prefill.run(self, x, attention_mask, cache)  # int8/bf16: one call
+        if states is not None:
+            x = states
+        else:
+            for i, block in enumerate(self.layers):
+                x = block.prefill(x, attention_mask, cache, i)
         if attention_mask is None:
             last = x[:, -1]
         else:

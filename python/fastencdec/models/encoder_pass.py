@@ -1,4 +1,5 @@
-"""The int8 / bf16 encoder in one C++ call (``_C.Int8Encoder``, ``_C.Bf16Encoder``).
+"""The int8 / bf16 encoder in one C++ call (``encode`` of ``_C.Int8Blocks`` /
+``_C.Bf16Blocks``).
 
 Module by module, a mu-330m int8 encoder pass over 512 tokens spent ~20 ms of its
 ~390 ms between the GEMMs and the attention: page faults on every freshly allocated
@@ -28,44 +29,12 @@ import torch
 
 from .. import inputs
 from . import packed_plan
-from .layers import GeluMLP
-
-try:
-    from fastencdec._C import Bf16Encoder, Int8Encoder
-except ImportError:  # pragma: no cover - the compiled module is part of the package
-    Bf16Encoder = Int8Encoder = None
-
-
-def _build(model, fmt: str):
-    config = model.config
-    refs: list = []
-    lin = lambda module: packed_plan.linear(module, fmt, refs)  # noqa: E731
-    nrm = lambda module: packed_plan.norm(module, config.norm_eps, refs)  # noqa: E731
-    layers = []
-    for block in model.encoder:
-        attn, mlp = block.attn, block.mlp
-        refs.append((attn, "causal", attn.causal))
-        if (attn.causal or not isinstance(mlp, GeluMLP)
-                or not packed_plan.fused_gelu(mlp.fc1, refs)):
-            return None, refs
-        parts = (nrm(block.norm1), lin(attn._modules.get("qkv_proj")), lin(attn.out_proj),
-                 nrm(block.norm2), lin(mlp.fc1), lin(mlp.fc2))
-        if any(p is None for p in parts):
-            return None, refs
-        layers.append(parts)
-    final = nrm(model.encoder_norm)
-    if final is None or not layers:
-        return None, refs
-    cls = Int8Encoder if fmt == "int8" else Bf16Encoder
-    return cls(config.d_model, config.n_heads, config.n_kv_heads, config.head_dim,
-               config.norm_eps, layers, final), refs
 
 
 def plan(model):
     """The cached C++ encoder of an int8 or bf16 encoder-decoder (None if it has none)."""
-    if Int8Encoder is None:
-        return None
-    return packed_plan.cached(model, "encoder", _build)
+    return packed_plan.cached(model, "encoder", lambda m, fmt: packed_plan.build_blocks(
+        m, fmt, m.encoder, m.encoder_norm, causal=False))
 
 
 ATTENTION_PRECISIONS = ("bf16", "fp32")
@@ -80,26 +49,17 @@ def attention_precision(model) -> str:
     return value
 
 
-def _hooked(model) -> bool:
-    """Whether a forward hook would see the encoder's modules (the one call skips them)."""
-    from torch.nn.modules import module as nn_module
-    if (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
-            or nn_module._global_forward_hooks_always_called):
-        return True
-    mods = [model.encoder, model.encoder_norm, *model.encoder.modules()]
-    return any(m._forward_hooks or m._forward_pre_hooks for m in mods)
-
-
 def run(model, x: torch.Tensor, mask: torch.Tensor | None):
     """The final encoder states ``[B, L, d]`` of embedded ``x`` with bool ``mask`` (or
     None), or None when the module path must run."""
     if model.training or torch.compiler.is_compiling():
         return None
     encoder = plan(model)
-    if encoder is None or _hooked(model):
+    if encoder is None or packed_plan.hooked(
+            [model.encoder, model.encoder_norm, *model.encoder.modules()]):
         return None
     bf16_attention = attention_precision(model) == "bf16"
-    dtype = torch.bfloat16 if isinstance(encoder, Bf16Encoder) else torch.float32
+    dtype = packed_plan.activation_dtype(encoder)
     if (x.dtype != dtype or x.device.type != "cpu"
             or (torch.is_grad_enabled() and x.requires_grad)):
         return None
@@ -116,7 +76,7 @@ def run(model, x: torch.Tensor, mask: torch.Tensor | None):
             else rope.base(head_dim))
     x = x.detach().contiguous()
     states = torch.empty_like(x)
-    encoder.forward(packed_plan.bits(x), None if mask is None else mask.contiguous().numpy(),
+    encoder.encode(packed_plan.bits(x), None if mask is None else mask.contiguous().numpy(),
                     positions.contiguous().numpy(), float(base), packed_plan.bits(states),
                     bf16_attention, torch.get_num_threads())
     return states

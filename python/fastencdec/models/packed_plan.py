@@ -15,7 +15,12 @@ import weakref
 import torch
 
 from . import quantize
-from .layers import RMSNorm
+from .layers import GeluMLP, RMSNorm
+
+try:
+    from fastencdec._C import Bf16Blocks, Int8Blocks
+except ImportError:  # pragma: no cover - the compiled module is part of the package
+    Bf16Blocks = Int8Blocks = None
 
 # weight format -> (its linear layers, its activations' dtype)
 FORMATS = {"int8": (quantize.Int8Linear, torch.float32),
@@ -61,6 +66,48 @@ def norm(module, eps: float, refs: list):
     if w.dtype != torch.float32 or not w.is_contiguous() or w.device.type != "cpu":
         return None
     return w.detach().numpy()
+
+
+def build_blocks(model, fmt: str, blocks, final_norm, causal: bool):
+    """(``_C.Int8Blocks``/``Bf16Blocks`` over the pre-norm ``blocks`` (layers.Block) with
+    ``final_norm``, or None when one does not fit; refs)."""
+    config = model.config
+    refs: list = []
+    if Int8Blocks is None:
+        return None, refs
+    layers = []
+    for block in blocks:
+        attn, mlp = block.attn, block.mlp
+        refs.append((attn, "causal", attn.causal))
+        if attn.causal != causal or not isinstance(mlp, GeluMLP) or not fused_gelu(mlp.fc1, refs):
+            return None, refs
+        parts = (norm(block.norm1, config.norm_eps, refs),
+                 linear(attn._modules.get("qkv_proj"), fmt, refs),
+                 linear(attn.out_proj, fmt, refs), norm(block.norm2, config.norm_eps, refs),
+                 linear(mlp.fc1, fmt, refs), linear(mlp.fc2, fmt, refs))
+        if any(p is None for p in parts):
+            return None, refs
+        layers.append(parts)
+    final = norm(final_norm, config.norm_eps, refs)
+    if final is None or not layers:
+        return None, refs
+    cls = Int8Blocks if fmt == "int8" else Bf16Blocks
+    return cls(config.d_model, config.n_heads, config.n_kv_heads, config.head_dim,
+               config.norm_eps, layers, final), refs
+
+
+def activation_dtype(blocks) -> torch.dtype:
+    """The activations' dtype of a ``_C.Int8Blocks``/``Bf16Blocks``."""
+    return torch.bfloat16 if isinstance(blocks, Bf16Blocks) else torch.float32
+
+
+def hooked(modules) -> bool:
+    """Whether a forward hook would see one of ``modules`` (a one-call path skips them)."""
+    from torch.nn.modules import module as nn_module
+    if (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
+            or nn_module._global_forward_hooks_always_called):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 # model -> {kind: (pack version, object or None, refs)}; weak, so an object never
