@@ -19,7 +19,8 @@ touching model code:
   likewise the int8 and bf16 GEMM kernels (``models.quantize._int8_linear``,
   ``_bf16_linear``) get a region, charged like a matmul op to the module that called
   it; an int8/bf16 model's one-call C++ decode step (``models.decoder_step.run``) and
-  one-call C++ encoder (``models.encoder_pass.run``) are categories of their own, whose
+  one-call C++ encoder or decoder-only prompt (``models.encoder_pass.run``,
+  ``models.decoder_prefill.run``) are categories of their own, whose
   inside the profiler cannot split (``--module-path`` profiles the same model module by
   module instead);
 - an op is counted once, at its outermost level (nested aten calls belong to it);
@@ -48,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as harness  # noqa: E402
 import bench_generate as bg  # noqa: E402
 
-CATEGORIES = ("C++ encoder", "C++ decode step", "encoder GEMMs", "decoder GEMMs", "LM head",
+CATEGORIES = ("C++ encoder/prompt", "C++ decode step", "encoder GEMMs", "decoder GEMMs", "LM head",
               "attention ops",
               "norms/activations", "other ops", "overhead")
 WRAPPED_OPS = ("self_attention", "cross_attention", "decode_attention", "append_kv_cache",
@@ -56,7 +57,9 @@ WRAPPED_OPS = ("self_attention", "cross_attention", "decode_attention", "append_
 WRAPPED_GEMMS = ("_int8_linear", "_bf16_linear")  # models.quantize's C++ GEMM entry points
 LABEL = "fed::"
 STEP = f"{LABEL}step::decoder"  # models.decoder_step.run: a whole int8/bf16 decode step in C++
-ENCODER = f"{LABEL}step::encoder"  # models.encoder_pass.run: a whole int8/bf16 encoder in C++
+# models.encoder_pass.run / decoder_prefill.run: a whole int8/bf16 encoder or decoder-only
+# prompt in C++
+ENCODER = f"{LABEL}step::encoder"
 MATMUL_RE = re.compile(r"linear|addmm|(^|::)mm$|matmul|bmm|int8pack|_int_mm|gemm|qlinear")
 
 
@@ -74,15 +77,20 @@ class Attribution:
 
     def install(self):
         try:
-            from fastencdec.models import encoder_pass
-        except ImportError:  # an older tree: no C++ encoder
-            encoder_pass = None
-        # The one-call encoder runs only while no hook watches the encoder's modules:
+            from fastencdec.models import decoder_prefill, encoder_pass
+        except ImportError:  # an older tree: no one-call encoder / prompt
+            one_call = None
+        else:
+            one_call = (encoder_pass if getattr(self.model, "is_encoder_decoder", False)
+                        else decoder_prefill)
+        # The one-call encoder / prompt runs only while no hook watches its modules:
         # leave them unhooked and time the call as a whole.
-        one_call_encoder = encoder_pass is not None and encoder_pass.plan(self.model) is not None
+        if one_call is None or one_call.plan(self.model) is None:
+            one_call, unhooked = None, ()
+        else:
+            unhooked = ("encoder", "encoder_norm") if one_call is encoder_pass else ("layers",)
         for name, module in self.model.named_modules():
-            if not name or (one_call_encoder and name.split(".")[0] in ("encoder",
-                                                                        "encoder_norm")):
+            if not name or name.split(".")[0] in unhooked:
                 continue
             label = f"{LABEL}mod::{name}"
             self.kinds[label] = module_kind(name, module)
@@ -109,9 +117,9 @@ class Attribution:
         if decoder_step is not None:
             self.step_original = decoder_step.run
             decoder_step.run = self._wrap("decoder_step", decoder_step.run, STEP)
-        if one_call_encoder:
-            self.encoder_original = encoder_pass.run
-            encoder_pass.run = self._wrap("encoder", encoder_pass.run, ENCODER)
+        if one_call is not None:
+            self.encoder_original = (one_call, one_call.run)
+            one_call.run = self._wrap("encoder", one_call.run, ENCODER)
 
     def remove(self):
         for h in self.handles:
@@ -128,9 +136,8 @@ class Attribution:
 
             decoder_step.run = self.step_original
         if self.encoder_original is not None:
-            from fastencdec.models import encoder_pass
-
-            encoder_pass.run = self.encoder_original
+            module, fn = self.encoder_original
+            module.run = fn
 
     def _enter(self, label):
         def hook(_module, _args):
@@ -195,7 +202,7 @@ def classify(event, kinds: dict, vocab: int, encdec: bool) -> str | None:
     if name == STEP:
         return "C++ decode step"
     if name == ENCODER:
-        return "C++ encoder"
+        return "C++ encoder/prompt"
     if name.startswith(f"{LABEL}gemm::"):
         name = "gemm"  # a C++ GEMM: charged like a matmul op to its module
     elif op_label is not None or name.startswith("fastencdec::") or "attention" in name:
@@ -231,11 +238,11 @@ def profile_worker(spec: dict) -> dict:
 
         decoder_step.step_plan = lambda model: None
         try:
-            from fastencdec.models import encoder_pass
+            from fastencdec.models import decoder_prefill, encoder_pass
         except ImportError:
             pass
         else:
-            encoder_pass.plan = lambda model: None
+            encoder_pass.plan = decoder_prefill.plan = lambda model: None
     engine = bg.FastencdecEngine(spec)
     model, vocab = engine.model, engine.model.config.vocab_size
     encdec = spec["arch"] == bg.ENCDEC
@@ -328,9 +335,9 @@ def parse_args(argv):
                    help="unprofiled generations whose median is the wall time (default 3)")
     p.add_argument("--quick", action="store_true", help="tiny preset, a smoke run")
     p.add_argument("--module-path", action="store_true",
-                   help="int8/bf16: encode and decode module by module instead of the "
-                        "one-call C++ encoder and step (whose inside the profiler cannot "
-                        "split)")
+                   help="int8/bf16: encode/prefill and decode module by module instead "
+                        "of the one-call C++ encoder/prompt and step (whose inside the "
+                        "profiler cannot split)")
     p.add_argument("--cache-dir", type=Path, default=bg.DEFAULT_CACHE)
     p.add_argument("--results-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None)

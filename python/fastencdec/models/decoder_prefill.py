@@ -21,6 +21,8 @@ from . import packed_plan
 
 def plan(model):
     """The cached C++ blocks of an int8 or bf16 decoder-only model (None if it has none)."""
+    if getattr(model, "is_encoder_decoder", True):
+        return None
     return packed_plan.cached(model, "prefill", lambda m, fmt: packed_plan.build_blocks(
         m, fmt, m.layers, m.norm, causal=True))
 

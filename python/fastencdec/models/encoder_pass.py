@@ -33,6 +33,8 @@ from . import packed_plan
 
 def plan(model):
     """The cached C++ encoder of an int8 or bf16 encoder-decoder (None if it has none)."""
+    if not getattr(model, "is_encoder_decoder", False):
+        return None
     return packed_plan.cached(model, "encoder", lambda m, fmt: packed_plan.build_blocks(
         m, fmt, m.encoder, m.encoder_norm, causal=False))
 
