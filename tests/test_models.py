@@ -234,3 +234,25 @@ def test_from_pretrained_errors(tmp_path):
         DecoderOnlyLM.from_pretrained(tmp_path / "m")
     half = EncoderDecoderLM.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
     assert half.embed.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
+def test_mlp_over_many_rows_runs_in_blocks_without_gradients(mlp, seed, monkeypatch):
+    """Inference over more rows than one block: blocks of rows give the rows' values (the
+    hidden activations never exist for every row at once); with gradients, one pass."""
+    from fastencdec.models import layers
+
+    torch.manual_seed(seed)
+    module = layers.make_mlp(EncDecConfig.preset("tiny").replace(mlp=mlp))
+    x = torch.randn(3, 701, module.fc1.in_features if mlp == "gelu" else module.gate.in_features)
+    sizes = []
+    inner = module.fc1 if mlp == "gelu" else module.gate
+    inner.register_forward_hook(lambda _m, args, _o: sizes.append(args[0].shape[0]))
+    with torch.no_grad():
+        blocked = module(x)
+    assert sizes == [1024, 1024, 3 * 701 - 2048]
+    with torch.enable_grad():
+        whole = module(x.requires_grad_())
+    assert sizes[-1] == 3  # [3, 701, d]: one call
+    torch.testing.assert_close(blocked, whole.detach(), atol=1e-6, rtol=1e-6)
+    assert blocked.shape == whole.shape

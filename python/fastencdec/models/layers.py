@@ -32,6 +32,26 @@ class RMSNorm(nn.Module):
         return ops.rms_norm(x, self.weight, self.eps)
 
 
+# Without gradients, an MLP over many rows runs on blocks of _MLP_ROWS rows, so its
+# [rows, d_ff] hidden activations (and the activation function's copy of them) never
+# exist for all rows at once: fp32 at batch 8 x 512 tokens, ~140 MiB less at the peak.
+# Rows are independent; with gradients (training) the whole batch runs at once.
+_MLP_ROWS = 1024
+
+
+def _by_rows(mlp, x: torch.Tensor) -> torch.Tensor:
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if rows <= _MLP_ROWS or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return mlp(x)
+    flat = x.reshape(rows, x.shape[-1])
+    first = mlp(flat[:_MLP_ROWS])
+    out = first.new_empty(rows, first.shape[-1])
+    out[:_MLP_ROWS] = first
+    for start in range(_MLP_ROWS, rows, _MLP_ROWS):
+        out[start:start + _MLP_ROWS] = mlp(flat[start:start + _MLP_ROWS])
+    return out.view(*x.shape[:-1], first.shape[-1])
+
+
 class GeluMLP(nn.Module):
     """``fc2(GELU_tanh(fc1(x)))`` with biases (the reference checkpoint's MLP)."""
 
@@ -41,6 +61,9 @@ class GeluMLP(nn.Module):
         self.fc2 = nn.Linear(d_ff, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _by_rows(self._rows, x)
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)
         if getattr(self.fc1, "activation", None) != "gelu_tanh":  # else fused into fc1
             h = F.gelu(h, approximate="tanh")
@@ -57,6 +80,9 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _by_rows(self._rows, x)
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
