@@ -77,20 +77,22 @@ class Attribution:
 
     def install(self):
         try:
-            from fastencdec.models import decoder_prefill, encoder_pass
+            from fastencdec.models import (decoder_prefill, decoder_step, encoder_pass,
+                                           packed_plan)
         except ImportError:  # an older tree: no one-call encoder / prompt
-            one_call = None
+            one_call, replaced = None, set()
         else:
             one_call = (encoder_pass if getattr(self.model, "is_encoder_decoder", False)
                         else decoder_prefill)
-        # The one-call encoder / prompt runs only while no hook watches its modules:
-        # leave them unhooked and time the call as a whole.
-        if one_call is None or one_call.plan(self.model) is None:
-            one_call, unhooked = None, ()
-        else:
-            unhooked = ("encoder", "encoder_norm") if one_call is encoder_pass else ("layers",)
+            if one_call.plan(self.model) is None:
+                one_call = None
+            decoder_step.step_plan(self.model)
+            # The one-call paths run only while no hook watches the modules they
+            # replace: leave those unhooked and time each call as a whole.
+            replaced = {id(m) for kind in ("encoder", "prefill", "decoder_step")
+                        for m in packed_plan.replaced_modules(self.model, kind)}
         for name, module in self.model.named_modules():
-            if not name or name.split(".")[0] in unhooked:
+            if not name or id(module) in replaced:
                 continue
             label = f"{LABEL}mod::{name}"
             self.kinds[label] = module_kind(name, module)

@@ -30,6 +30,12 @@ inline void append_kv_cache_impl(const cpu::AppendKvCacheProblem& p) {
   FED_DISPATCH(append_kv_cache, p);
 }
 
+inline void check_features(const std::string& name, int64_t in, int64_t out) {
+  if (in < 1 || out < 1)
+    throw py::value_error(name + ": needs at least one input and one output feature, got " +
+                          std::to_string(in) + " -> " + std::to_string(out));
+}
+
 // int8 weights, fp32 activations: (panels int8 [ceil(N/32), ceil(K/4), 32, 4],
 // weight_scale fp32 [N], bias fp32 [N] or None), as Int8Linear packs them.
 struct Int8Format {
@@ -51,6 +57,7 @@ struct Int8Format {
     Linear w;
     w.in = in;
     w.out = out;
+    check_features(name, in, out);
     if (in > cpu::kInt8MaxK) throw py::value_error(name + ": too many inputs");
     w.panels = checked_data<int8_t>(panels, name.c_str(), 4, false);
     expect_shape(panels, name.c_str(), {(out + 31) / 32, (in + 3) / 4, 32, 4});
@@ -116,6 +123,7 @@ struct Bf16Format {
     Linear w;
     w.in = in;
     w.out = out;
+    check_features(name, in, out);
     w.panels = checked_data<uint16_t>(panels, name.c_str(), 4, false);
     expect_shape(panels, name.c_str(), {(out + 31) / 32, (in + 1) / 2, 32, 2});
     keep.append(panels);

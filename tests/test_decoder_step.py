@@ -159,3 +159,34 @@ def test_decoder_only_cpp_step_equals_the_module_path(case, fmt, threads, seed, 
     mask = torch.ones_like(x, dtype=torch.bool)
     mask[1, 7:] = False  # prompts of different lengths
     _assert_paths_agree(model, monkeypatch, seed, x, mask, new_tokens=7, steps=6)
+
+
+def test_hooks_see_their_modules_run(seed):
+    """A forward hook on a module the C++ step replaces makes the step run module by
+    module (the hook fires each step); one on a module it does not replace (the
+    cross-attention's K/V projection, run once per input) leaves the C++ step on."""
+    torch.manual_seed(seed)
+    model = to_inference(randomize(EncoderDecoderLM(TINY)), "int8")
+    x = torch.randint(3, TINY.vocab_size, (2, 7))
+    tokens = model.generate(x, max_new_tokens=4, eos_token_id=())
+    seen = []
+    handle = model.decoder[0].mlp.fc2.register_forward_hook(lambda *a: seen.append(1))
+    assert torch.equal(model.generate(x, max_new_tokens=4, eos_token_id=()), tokens)
+    handle.remove()
+    assert len(seen) == 4  # the first step and three more, each module by module
+    steps = []
+    original = decoder_step.run
+
+    def counting(*args, **kwargs):
+        out = original(*args, **kwargs)
+        steps.append(out is not None)
+        return out
+
+    handle = model.decoder[0].cross_attn.k_proj.register_forward_hook(lambda *a: None)
+    decoder_step.run = counting
+    try:
+        model.generate(x, max_new_tokens=4, eos_token_id=())
+    finally:
+        decoder_step.run = original
+        handle.remove()
+    assert steps and all(steps)

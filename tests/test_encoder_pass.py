@@ -221,3 +221,99 @@ def test_bad_arguments_are_clear_errors(seed):
                     False, 1)
     with pytest.raises(ValueError, match="each layer is"):
         _C.Int8Blocks(d, 4, 2, 32, 1e-6, [(1, 2)], np.ones(d, np.float32))
+
+
+def _one_call_taken(model, monkeypatch, **inputs) -> bool:
+    calls = []
+    original = encoder_pass.run
+
+    def counting(*args):
+        out = original(*args)
+        calls.append(out is not None)
+        return out
+
+    with monkeypatch.context() as m:
+        m.setattr(encoder_pass, "run", counting)
+        model.encode(**inputs)
+    return calls == [True]
+
+
+@pytest.mark.parametrize("change", ["replace_norm", "delete_layer", "swap_layers",
+                                    "append_layer", "replace_out_proj", "norm_data",
+                                    "share_memory"])
+def test_plan_follows_the_structure(change, seed, monkeypatch):
+    """Replacing, moving, adding or removing a module, or new storage behind a norm
+    weight, rebuilds the plan: the one-call states keep equalling the module path's."""
+    import copy as copy_module
+
+    from fastencdec.models.layers import RMSNorm
+
+    torch.manual_seed(seed)
+    model = to_inference(randomize(EncoderDecoderLM(TINY.replace(n_encoder_layers=3))), "int8")
+    model.encoder_attention = "fp32"
+    ids = torch.randint(3, TINY.vocab_size, (2, 11))
+    with torch.no_grad():
+        model.encode(ids)  # plan built and cached
+        if change == "replace_norm":
+            norm = RMSNorm(TINY.d_model, TINY.norm_eps)
+            norm.weight.uniform_(0.5, 1.5)
+            model.encoder_norm = norm
+        elif change == "delete_layer":
+            del model.encoder[1]
+        elif change == "swap_layers":
+            model.encoder[0], model.encoder[2] = model.encoder[2], model.encoder[0]
+        elif change == "append_layer":
+            model.encoder.append(copy_module.deepcopy(model.encoder[0]))
+        elif change == "replace_out_proj":
+            model.encoder[1].attn.out_proj = copy_module.deepcopy(model.encoder[0].attn.out_proj)
+        elif change == "norm_data":
+            model.encoder[0].norm1.weight.data = torch.rand(TINY.d_model) + 0.5
+        else:
+            model.share_memory()
+            junk = [torch.full((TINY.d_model,), 1e6) for _ in range(200)]  # noqa: F841
+    fast, slow = _both_paths(model, monkeypatch, input_ids=ids)
+    assert torch.equal(fast, slow), f"{change}: max diff {(fast - slow).abs().max():.3g}"
+
+
+def test_the_module_path_runs_when_asked_for(seed, monkeypatch):
+    """A fused activation the C++ blocks do not apply, a dropout module left in training
+    mode, parameters that want gradients, or a forced non-C++ backend: module path."""
+    torch.manual_seed(seed)
+    ids = torch.randint(3, TINY.vocab_size, (2, 9))
+    model = to_inference(randomize(EncoderDecoderLM(TINY)), "int8")
+    assert _one_call_taken(model, monkeypatch, input_ids=ids)
+    model.encoder[0].attn.out_proj.activation = "gelu_tanh"
+    assert encoder_pass.plan(model) is None
+    model.encoder[0].attn.out_proj.activation = None
+    model.encoder[1].dropout.train()
+    assert not _one_call_taken(model, monkeypatch, input_ids=ids)
+    model.encoder[1].dropout.eval()
+    model.encoder_norm.weight.requires_grad_(True)
+    with torch.enable_grad():
+        assert not _one_call_taken(model, monkeypatch, input_ids=ids)
+    with torch.no_grad():
+        assert _one_call_taken(model, monkeypatch, input_ids=ids)
+    model.encoder_norm.weight.requires_grad_(False)
+    monkeypatch.setenv("FASTENCDEC_BACKEND", "reference")
+    assert not _one_call_taken(model, monkeypatch, input_ids=ids)
+    monkeypatch.delenv("FASTENCDEC_BACKEND")
+    assert _one_call_taken(model, monkeypatch, input_ids=ids)
+
+
+def test_empty_or_negative_widths_are_clear_errors():
+    d, u16 = TINY.d_model, np.uint16
+    norm = np.ones(d, np.float32)
+    qkv = (np.zeros((8, d // 2, 32, 2), u16), None, 256)  # 4 heads + 2 x 2 K/V heads of 32
+    out = (np.zeros((2, 64, 32, 2), u16), None, d)
+    for d_ff in (0, -1):
+        fc1 = (np.zeros((0, d // 2, 32, 2), u16), None, d_ff)
+        fc2 = (np.zeros((2, 0, 32, 2), u16), None, d)
+        with pytest.raises(ValueError, match="at least one input and one output"):
+            _C.Bf16Blocks(d, 4, 2, 32, 1e-6, [(norm, qkv, out, norm, fc1, fc2)], norm)
+    # the bf16 kernel itself with no inputs: the bias alone (no division by zero)
+    x = np.zeros((3, 0), u16)
+    bias = torch.tensor([1.5, -2.0]).to(torch.bfloat16)
+    y = np.zeros((3, 2), np.float32)
+    _C.bf16_linear(x, np.zeros((1, 0, 32, 2), u16), bias.view(torch.int16).numpy().view(u16),
+                   y, False, 1)
+    assert (y == np.array([1.5, -2.0], np.float32)).all()

@@ -141,15 +141,16 @@ def test_padding_does_not_change_real_rows(seed):
     ids, dec = rand_ids(2, 6), rand_ids(2, 4)
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[1, 4:] = False  # right-padded encoder input
+    # fp32 GEMMs of 2 x 6 and 1 x 4 rows may round differently (seed 877992202: 1.1e-5)
     batched = encdec(ids, mask, decoder_input_ids=dec).logits
     alone = encdec(ids[1:, :4], decoder_input_ids=dec[1:]).logits
-    torch.testing.assert_close(batched[1:], alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batched[1:], alone, atol=5e-5, rtol=5e-5)
 
     left = torch.ones(2, 6, dtype=torch.bool)
     left[1, :3] = False  # left-padded decoder-only prompt
     batched = deconly(ids, left).logits
     alone = deconly(ids[1:, 3:]).logits
-    torch.testing.assert_close(batched[1:, 3:], alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batched[1:, 3:], alone, atol=5e-5, rtol=5e-5)
 
 
 @pytest.mark.parametrize("name", ["cpp", "triton"])

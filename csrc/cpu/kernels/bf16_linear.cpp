@@ -180,7 +180,7 @@ void run(const Bf16LinearProblem& p, const Kernel& kernel) {
   // Rows of x per pass over the weights, whole tiles of them: ~256 KiB stay in L2
   // while the weight panels stream past (one pass when decoding).
   const int64_t m_block =
-      std::max<int64_t>(1, (256 << 10) / (xs * int64_t(sizeof(X))) / MaxM) * MaxM;
+      std::max<int64_t>(1, (256 << 10) / std::max<int64_t>(1, xs * int64_t(sizeof(X))) / MaxM) * MaxM;
   // Below ~64 KiB of weights (x rows) a second thread costs more to wake than it saves.
   const int threads = N * K * std::min<int64_t>(M, 8) < (1 << 15) ? 1 : p.num_threads;
   const int64_t out_elem = p.out_f32 ? 4 : 2;

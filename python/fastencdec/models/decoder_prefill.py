@@ -8,8 +8,9 @@ stay fp32 here: the decoding steps recompute nothing, so the prompt's keys must 
 the module path would cache.
 
 ``DecoderOnlyLM.prefill`` calls :func:`run`, which returns None whenever the module path
-must run instead (training mode, gradients, tracing, forward hooks on the layers, a cache
-of another dtype, or a model this path does not cover).
+must run instead (training mode, gradients, tracing, forward hooks on the layers, a
+forced backend other than the C++ one, a cache of another dtype or depth, or a model
+this path does not cover).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def plan(model):
     if getattr(model, "is_encoder_decoder", True):
         return None
     return packed_plan.cached(model, "prefill", lambda m, fmt: packed_plan.build_blocks(
-        m, fmt, m.layers, m.norm, causal=True))
+        m, fmt, "layers", "norm", causal=True))
 
 
 def run(model, x: torch.Tensor, mask: torch.Tensor | None, cache):
@@ -34,12 +35,12 @@ def run(model, x: torch.Tensor, mask: torch.Tensor | None, cache):
     if model.training or torch.compiler.is_compiling():
         return None
     blocks = plan(model)
-    if blocks is None or packed_plan.hooked([model.layers, *model.layers.modules()]):
+    if blocks is None or packed_plan.module_path_needed(model, "prefill", x):
         return None
     dtype = packed_plan.activation_dtype(blocks)
     if (x.dtype != dtype or x.device.type != "cpu" or cache.k.dtype != dtype
             or not (cache.k.is_contiguous() and cache.v.is_contiguous())
-            or (torch.is_grad_enabled() and x.requires_grad)
+            or cache.k.shape[0] != blocks.n_layers
             or (mask is not None and mask.dtype != torch.bool)):
         return None
     seq_len = x.shape[1]

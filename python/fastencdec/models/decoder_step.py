@@ -33,37 +33,43 @@ except ImportError:  # pragma: no cover - the compiled module is part of the pac
     Bf16DecoderStep = Int8DecoderStep = None
 
 
-def _blocks(model):
-    """(decoder blocks, final norm, whether they cross-attend) of either architecture."""
+def _structure(model) -> tuple[str, str, bool]:
+    """(attribute of the decoder blocks, of the final norm, whether they cross-attend)."""
     if getattr(model, "is_encoder_decoder", False):
-        return model.decoder, model.decoder_norm, True
-    return model.layers, model.norm, False
+        return "decoder", "decoder_norm", True
+    return "layers", "norm", False
 
 
 def _build(model, fmt: str):
     """(the C++ step for ``model`` in ``fmt`` or None when its structure does not fit,
-    the (module, attribute, tensor) triples whose replacement makes it stale)."""
-    config = model.config
-    lin = lambda module: packed_plan.linear(module, fmt, refs)  # noqa: E731
-    nrm = lambda module: packed_plan.norm(module, config.norm_eps, refs)  # noqa: E731
-    blocks, final_norm, cross = _blocks(model)
-    layers, refs = [], []
-    for block in blocks:
-        attn, mlp = (block.self_attn if cross else block.attn), block.mlp
-        qkv = attn._modules.get("qkv_proj")
-        if not isinstance(mlp, GeluMLP) or not packed_plan.fused_gelu(mlp.fc1, refs):
+    the Refs whose change makes it stale)."""
+    config, eps = model.config, model.config.norm_eps
+    refs = packed_plan.Refs()
+    blocks, final_norm, cross = _structure(model)
+    layers = []
+    for block in refs.items(refs.get(model, blocks)):
+        attn = refs.get(block, "self_attn" if cross else "attn")
+        mlp = refs.get(block, "mlp")
+        if refs.get(attn, "causal") is not True or not isinstance(mlp, GeluMLP):
             return None, refs
-        parts = [nrm(block.norm1), lin(qkv), lin(attn.out_proj)]
+        parts = [packed_plan.norm(block, "norm1", eps, refs),
+                 packed_plan.linear(attn, "qkv_proj", fmt, refs),
+                 packed_plan.linear(attn, "out_proj", fmt, refs)]
         if cross:
-            parts += [nrm(block.norm2), lin(block.cross_attn.q_proj),
-                      lin(block.cross_attn.out_proj), nrm(block.norm3)]
+            cross_attn = refs.get(block, "cross_attn")
+            parts += [packed_plan.norm(block, "norm2", eps, refs),
+                      packed_plan.linear(cross_attn, "q_proj", fmt, refs),
+                      packed_plan.linear(cross_attn, "out_proj", fmt, refs),
+                      packed_plan.norm(block, "norm3", eps, refs)]
         else:
-            parts.append(nrm(block.norm2))
-        parts += [lin(mlp.fc1), lin(mlp.fc2)]
+            parts.append(packed_plan.norm(block, "norm2", eps, refs))
+        parts += [packed_plan.linear(mlp, "fc1", fmt, refs, "gelu_tanh"),
+                  packed_plan.linear(mlp, "fc2", fmt, refs)]
         if any(p is None for p in parts):
             return None, refs
         layers.append(tuple(parts))
-    final, head = nrm(final_norm), lin(model.lm_head)
+    final = packed_plan.norm(model, final_norm, eps, refs)
+    head = packed_plan.linear(model, "lm_head", fmt, refs)
     if final is None or head is None or not layers:
         return None, refs
     step = Int8DecoderStep if fmt == "int8" else Bf16DecoderStep
@@ -95,7 +101,11 @@ def run(plan, model, x: torch.Tensor, cache, cross_kv=None, encoder_mask=None):
     fresh tensor that the step overwrites; ``cross_kv``/``encoder_mask`` for an
     encoder-decoder), or None when this step's inputs need the module path."""
     dtype = torch.bfloat16 if isinstance(plan, Bf16DecoderStep) else torch.float32
-    if (model.training or x.dtype != dtype or x.shape[1] != 1
+    if packed_plan.module_path_needed(model, "decoder_step", x):
+        return None
+    blocks, _, cross = _structure(model)
+    blocks = getattr(model, blocks)
+    if (x.dtype != dtype or x.shape[1] != 1
             or not x.is_contiguous() or cache.k.dtype != dtype
             or not cache.k.is_contiguous()
             or (encoder_mask is not None and encoder_mask.dtype != torch.bool)):
@@ -103,7 +113,6 @@ def run(plan, model, x: torch.Tensor, cache, cross_kv=None, encoder_mask=None):
     views = ([], []) if cross_kv is None else _cross_views(cross_kv, dtype)
     if views is None:
         return None
-    blocks, _, cross = _blocks(model)
     rope = (blocks[0].self_attn if cross else blocks[0].attn).rope
     head_dim = model.config.head_dim
     if rope.needs_positions_max():  # dynamic NTK: the base at this step's length

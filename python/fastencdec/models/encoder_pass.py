@@ -19,8 +19,9 @@ elsewhere). ``model.encoder_attention = "fp32"`` keeps the module path's fp32 pr
 and then the states equal the module path's bitwise (tested either way).
 
 ``EncoderDecoderLM._encode`` calls :func:`run`, which returns None whenever the module
-path must run instead: training mode, gradients, ``torch.compile`` tracing, forward
-hooks on the encoder's modules, or a model or input this path does not cover.
+path must run instead: training mode (of the model or any encoder module), gradients,
+``torch.compile`` tracing, forward hooks on the encoder's modules, a forced backend
+other than the C++ one, or a model or input this path does not cover.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def plan(model):
     if not getattr(model, "is_encoder_decoder", False):
         return None
     return packed_plan.cached(model, "encoder", lambda m, fmt: packed_plan.build_blocks(
-        m, fmt, m.encoder, m.encoder_norm, causal=False))
+        m, fmt, "encoder", "encoder_norm", causal=False))
 
 
 ATTENTION_PRECISIONS = ("bf16", "fp32")
@@ -57,13 +58,10 @@ def run(model, x: torch.Tensor, mask: torch.Tensor | None):
     if model.training or torch.compiler.is_compiling():
         return None
     encoder = plan(model)
-    if encoder is None or packed_plan.hooked(
-            [model.encoder, model.encoder_norm, *model.encoder.modules()]):
+    if encoder is None or packed_plan.module_path_needed(model, "encoder", x):
         return None
     bf16_attention = attention_precision(model) == "bf16"
-    dtype = packed_plan.activation_dtype(encoder)
-    if (x.dtype != dtype or x.device.type != "cpu"
-            or (torch.is_grad_enabled() and x.requires_grad)):
+    if x.dtype != packed_plan.activation_dtype(encoder) or x.device.type != "cpu":
         return None
     batch, seq_len = x.shape[0], x.shape[1]
     if mask is None:

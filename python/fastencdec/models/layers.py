@@ -35,7 +35,9 @@ class RMSNorm(nn.Module):
 # Without gradients, an MLP over many rows runs on blocks of _MLP_ROWS rows, so its
 # [rows, d_ff] hidden activations (and the activation function's copy of them) never
 # exist for all rows at once: fp32 at batch 8 x 512 tokens, ~140 MiB less at the peak.
-# Rows are independent; with gradients (training) the whole batch runs at once.
+# Rows are independent (the int8/bf16 kernels bitwise; an fp32 GEMM library may round a
+# row differently with another row count), and hooks on the linear layers fire once per
+# block. With gradients (training) the whole batch runs at once.
 _MLP_ROWS = 1024
 
 
