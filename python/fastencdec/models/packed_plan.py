@@ -1,5 +1,5 @@
 """What the one-call C++ paths (``decoder_step``: a decode step; ``encoder_pass``: the
-encoder) share: zero-copy views of an int8/bf16 model's packed weights in the tuples
+encoder; ``decoder_prefill``: a decoder-only prompt) share: zero-copy views of an int8/bf16 model's packed weights in the tuples
 the C++ classes take, and a per-model cache of the built C++ objects.
 
 A cached object is rebuilt when any packed weight is packed again
