@@ -74,24 +74,44 @@ class Refs(list):
 
     def stale(self) -> bool:
         """Whether anything read has changed since (tensors: replaced or new storage;
-        modules: replaced; settings: unequal)."""
-        for parent, where, name, seen in self:
-            attrs = parent.__dict__
-            if where is not None:
-                now = attrs[where].get(name)
-            elif name in attrs:
-                now = attrs[name]
-            else:
-                now = getattr(parent, name, None)  # a class attribute, or gone
-            if type(seen) is _TensorSeen:
-                if now is not seen.tensor or now.data_ptr() != seen.data_ptr:
-                    return True
-            elif seen is None or isinstance(seen, (nn.Module, torch.Tensor, bool)):
+        modules and flags: replaced; other settings: unequal). Called before every
+        decode step, so the common case is a tight loop over precomputed entries."""
+        checks = self.__dict__.get("_checks")
+        if checks is None:
+            checks = self._checks = [_check_of(*entry) for entry in self]
+        for attrs, where, name, kind, seen, ptr in checks:
+            now = attrs[where].get(name) if where is not None else attrs.get(name)
+            if kind == 0:  # identity
                 if now is not seen:
+                    return True
+            elif kind == 1:  # a tensor and its storage
+                if now is not seen or now.data_ptr() != ptr:
                     return True
             elif now != seen:
                 return True
         return False
+
+
+def _check_of(parent, where, name, seen):
+    """(the parent's __dict__, where, name, kind, seen, data_ptr) for Refs.stale."""
+    attrs = parent.__dict__
+    if where is None and name not in attrs:  # a class attribute or nothing: read it back
+        return (_ClassAttr(parent), None, name, 2 if not isinstance(seen, bool) else 0,
+                seen, 0)
+    if type(seen) is _TensorSeen:
+        return attrs, where, name, 1, seen.tensor, seen.data_ptr
+    identity = seen is None or isinstance(seen, (nn.Module, torch.Tensor, bool))
+    return attrs, where, name, 0 if identity else 2, seen, 0
+
+
+class _ClassAttr:
+    """A mapping view of ``getattr(obj, name)`` (attributes not in the instance dict)."""
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def get(self, name, default=None):
+        return getattr(self.obj, name, default)
 
 
 def linear(parent, name: str, fmt: str, refs: Refs, activation: str | None = None):
