@@ -77,8 +77,7 @@ class Attribution:
 
     def install(self):
         try:
-            from fastencdec.models import (decoder_prefill, decoder_step, encoder_pass,
-                                           packed_plan)
+            from fastencdec.models import decoder_prefill, decoder_step, encoder_pass, packed_plan
         except ImportError:  # an older tree: no one-call encoder / prompt
             one_call, replaced = None, set()
         else:

@@ -9,7 +9,7 @@ from fastencdec.constants import GRAD_TOLERANCES, TOLERANCES
 
 __all__ = ["TOLERANCES", "GRAD_TOLERANCES", "DISTILL_LARGE_LOGITS_TOLERANCE", "rand",
            "padding_mask", "assert_close", "randomize", "greedy_recompute_encdec",
-           "greedy_recompute_decoder_only"]
+           "greedy_recompute_decoder_only", "record_one_calls"]
 
 # Distillation loss on fp32 logits of magnitude ~1e4 vs float64 on the same values:
 # (atol, rtol, spread). Kept relative to the running max, the loss error is fp32
@@ -94,3 +94,18 @@ def join_test_group(rank: int, world_size: int, port: int):
         info = DistInfo()
     torch.set_num_threads(1)
     return info
+
+
+def record_one_calls(monkeypatch, module) -> list[bool]:
+    """Patch ``module.run`` (a one-call path: encoder_pass, decoder_prefill, decoder_step)
+    to record, per call, whether it ran (True) or left the work to the module path."""
+    calls: list[bool] = []
+    original = module.run
+
+    def recording(*args, **kwargs):
+        out = original(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(module, "run", recording)
+    return calls

@@ -93,6 +93,15 @@ def poison_alloc(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
 
 
+@pytest.fixture(params=[1, 2])
+def threads(request):
+    """torch's thread count set to 1, then 2, for the test (restored afterwards)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models: each op is microseconds of work, so a second thread only adds its

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from _helpers import randomize
+from _helpers import randomize, record_one_calls
 from fastencdec import DecoderOnlyConfig, DecoderOnlyLM, EncDecConfig, inputs
 from fastencdec.kv_cache import StaticKVCache
 from fastencdec.models import decoder_prefill
@@ -24,14 +24,6 @@ CASES = [
     dict(n_heads=3, n_kv_heads=1, head_dim=34, d_model=40),
     dict(rope_scaling_factor=2.0, max_position_embeddings=16),  # dynamic NTK (L > 16)
 ]
-
-
-@pytest.fixture(params=[1, 2])
-def threads(request):
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
 
 
 def _prefill(model, x, mask, copies, fast, monkeypatch):
@@ -76,15 +68,7 @@ def test_the_module_path_runs_where_the_one_call_cannot(seed, monkeypatch):
         to_inference(randomize(DecoderOnlyLM(TINY)), "int8", fuse=False)) is None
     model = to_inference(randomize(DecoderOnlyLM(TINY)), "int8")
     ids = torch.randint(3, TINY.vocab_size, (2, 9))
-    calls = []
-    original = decoder_prefill.run
-
-    def counting(*args):
-        out = original(*args)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(decoder_prefill, "run", counting)
+    calls = record_one_calls(monkeypatch, decoder_prefill)
     model.generate(ids, max_new_tokens=2, eos_token_id=())
     handle = model.layers[0].register_forward_hook(lambda *a: None)
     model.generate(ids, max_new_tokens=2, eos_token_id=())

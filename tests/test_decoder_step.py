@@ -10,7 +10,7 @@ import pickle
 import pytest
 import torch
 
-from _helpers import randomize
+from _helpers import randomize, record_one_calls
 from fastencdec import DecoderOnlyConfig, DecoderOnlyLM, EncDecConfig, EncoderDecoderLM
 from fastencdec.models import decoder_step
 from fastencdec.models.quantize import Bf16Linear, Int8Linear, to_inference
@@ -63,14 +63,6 @@ CASES = [
 
 
 FORMATS = ["int8", "bf16"]
-
-
-@pytest.fixture(params=[1, 2])
-def threads(request):
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -161,7 +153,7 @@ def test_decoder_only_cpp_step_equals_the_module_path(case, fmt, threads, seed, 
     _assert_paths_agree(model, monkeypatch, seed, x, mask, new_tokens=7, steps=6)
 
 
-def test_hooks_see_their_modules_run(seed):
+def test_hooks_see_their_modules_run(seed, monkeypatch):
     """A forward hook on a module the C++ step replaces makes the step run module by
     module (the hook fires each step); one on a module it does not replace (the
     cross-attention's K/V projection, run once per input) leaves the C++ step on."""
@@ -174,19 +166,8 @@ def test_hooks_see_their_modules_run(seed):
     assert torch.equal(model.generate(x, max_new_tokens=4, eos_token_id=()), tokens)
     handle.remove()
     assert len(seen) == 4  # the first step and three more, each module by module
-    steps = []
-    original = decoder_step.run
-
-    def counting(*args, **kwargs):
-        out = original(*args, **kwargs)
-        steps.append(out is not None)
-        return out
-
+    steps = record_one_calls(monkeypatch, decoder_step)
     handle = model.decoder[0].cross_attn.k_proj.register_forward_hook(lambda *a: None)
-    decoder_step.run = counting
-    try:
-        model.generate(x, max_new_tokens=4, eos_token_id=())
-    finally:
-        decoder_step.run = original
-        handle.remove()
+    model.generate(x, max_new_tokens=4, eos_token_id=())
+    handle.remove()
     assert steps and all(steps)

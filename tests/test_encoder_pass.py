@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from _helpers import randomize
+from _helpers import randomize, record_one_calls
 from fastencdec import EncDecConfig, EncoderDecoderLM
 from fastencdec.models import encoder_pass
 from fastencdec.models.quantize import to_inference
@@ -25,14 +25,6 @@ CASES = [
     dict(n_heads=3, n_kv_heads=1, head_dim=34, d_model=40),  # GQA 3/1, odd widths
     dict(rope_scaling_factor=2.0, max_position_embeddings=16),  # dynamic NTK (L > 16)
 ]
-
-
-@pytest.fixture(params=[1, 2])
-def threads(request):
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
 
 
 def _both_paths(model, monkeypatch, **inputs):
@@ -149,15 +141,7 @@ def test_the_module_path_runs_where_the_one_call_cannot(seed, monkeypatch):
         to_inference(randomize(EncoderDecoderLM(TINY)), "int8", fuse=False)) is None
     model = to_inference(randomize(EncoderDecoderLM(TINY)), "int8")
     ids = torch.randint(3, TINY.vocab_size, (2, 9))
-    calls = []
-    original = encoder_pass.run
-
-    def counting(*args):
-        out = original(*args)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(encoder_pass, "run", counting)
+    calls = record_one_calls(monkeypatch, encoder_pass)
     with torch.no_grad():
         model.encode(ids)
         seen = []  # a forward hook on an encoder block must see it run
@@ -224,16 +208,8 @@ def test_bad_arguments_are_clear_errors(seed):
 
 
 def _one_call_taken(model, monkeypatch, **inputs) -> bool:
-    calls = []
-    original = encoder_pass.run
-
-    def counting(*args):
-        out = original(*args)
-        calls.append(out is not None)
-        return out
-
     with monkeypatch.context() as m:
-        m.setattr(encoder_pass, "run", counting)
+        calls = record_one_calls(m, encoder_pass)
         model.encode(**inputs)
     return calls == [True]
 

@@ -63,7 +63,7 @@ def run(model, x: torch.Tensor, mask: torch.Tensor | None):
     bf16_attention = attention_precision(model) == "bf16"
     if x.dtype != packed_plan.activation_dtype(encoder) or x.device.type != "cpu":
         return None
-    batch, seq_len = x.shape[0], x.shape[1]
+    seq_len = x.shape[1]
     if mask is None:
         positions = torch.arange(seq_len, dtype=torch.int64).view(1, seq_len)
     else:

@@ -1,6 +1,7 @@
 """What the one-call C++ paths (``decoder_step``: a decode step; ``encoder_pass``: the
-encoder; ``decoder_prefill``: a decoder-only prompt) share: zero-copy views of an int8/bf16 model's packed weights in the tuples
-the C++ classes take, and a per-model cache of the built C++ objects.
+encoder; ``decoder_prefill``: a decoder-only prompt) share: zero-copy views of an
+int8/bf16 model's packed weights in the tuples the C++ classes take, and a per-model
+cache of the built C++ objects.
 
 A cached object is rebuilt when any packed weight is packed again
 (``pack``/``load_state_dict``: ``quantize.pack_version``), when any module it was built
@@ -202,9 +203,9 @@ def replaced_modules(model, kind: str) -> list[nn.Module]:
     return [] if entry is None or entry[1] is None else entry[3]
 
 
-# model -> {kind: (pack version, object or None, refs, the modules refs read)}; weak, so an object never
-# outlives its model, and kept off the module so that copying or pickling a model never
-# meets it
+# model -> {kind: (pack version, object or None, refs, the modules refs read)}; weak, so
+# an object never outlives its model, and kept off the module so that copying or
+# pickling a model never meets it
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
