@@ -104,7 +104,9 @@ def test_batch_equals_rows(seed, arch):
             for i in range(3):
                 r_ids, _, r_px, _ = _row(batch, i)
                 row = model(r_ids, labels=labels[i:i + 1], image_pixels=r_px).logits
-                torch.testing.assert_close(full[i:i + 1], row, atol=2e-5, rtol=2e-5)
+                # fp32 GEMMs over 3 rows and over 1 may round apart (seed 1803095803:
+                # 4.1e-5, the same before the one-call work)
+                torch.testing.assert_close(full[i:i + 1], row, atol=1e-4, rtol=1e-4)
         else:
             full = model.hidden_states(ids, mask, image_pixels=pixels, image_crop_mask=crop_mask)
             for i in range(3):
