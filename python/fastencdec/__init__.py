@@ -1,27 +1,44 @@
-"""fastencdec: kernels and a thin PyTorch layer for small encoder-decoder LMs."""
+"""fastencdec: kernels and a thin PyTorch layer for small encoder-decoder LMs.
 
-from . import ops, reference
-from .models import (
-    DecoderOnlyConfig,
-    DecoderOnlyLM,
-    EncDecConfig,
-    EncoderDecoderLM,
-    load_inference,
-    to_inference,
-)
-from .spec import Rope
+The names below load on first use, so ``import fastencdec.runtime`` (the torch-free
+CPU runtime for int8/bf16 models) never imports torch; everything else imports it
+when first touched, e.g. ``fastencdec.EncoderDecoderLM`` or ``import fastencdec.ops``
+(which also registers the ``torch.ops.fastencdec`` custom ops).
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ops",
-    "reference",
-    "EncDecConfig",
-    "DecoderOnlyConfig",
-    "EncoderDecoderLM",
-    "DecoderOnlyLM",
-    "Rope",
-    "to_inference",
-    "load_inference",
-    "__version__",
-]
+# name -> the submodule that defines it
+_EXPORTS = {
+    "EncDecConfig": "models",
+    "DecoderOnlyConfig": "models",
+    "EncoderDecoderLM": "models",
+    "DecoderOnlyLM": "models",
+    "to_inference": "models",
+    "load_inference": "models",
+    "Rope": "spec",
+}
+_SUBMODULES = ("argcheck", "cli", "constants", "convert", "data", "generation", "info",
+               "inputs", "kv_cache", "models", "ops", "reference", "runtime", "selfcheck",
+               "spec", "training", "vision")
+
+__all__ = ["ops", "reference", *_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))

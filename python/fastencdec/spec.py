@@ -23,6 +23,7 @@ from functools import lru_cache
 import torch
 
 from .argcheck import int_at_least
+from .rope_math import rope_base
 
 __all__ = ["Rope", "rope_base", "rope_inv_freq", "as_rope"]
 
@@ -80,22 +81,6 @@ class Rope:
     def needs_positions_max(self) -> bool:
         """Whether the base depends on ``max(position)`` of a call (a host read)."""
         return self.dynamic and self.seq_len is None
-
-
-def rope_base(theta: float, head_dim: int, seq_len: int, scaling_factor: float = 1.0,
-              max_position_embeddings: int | None = None) -> float:
-    """Effective RoPE base after dynamic NTK scaling (see the module doc)."""
-    if scaling_factor <= 1.0:
-        return float(theta)
-    if max_position_embeddings is None:
-        raise ValueError("rope_scaling_factor > 1 needs max_position_embeddings "
-                         "(the trained context length)")
-    if head_dim <= 2:
-        raise ValueError(f"dynamic NTK scaling needs head_dim > 2, got {head_dim}")
-    f = float(scaling_factor)
-    l_eff = max(int(seq_len), int(max_position_embeddings))
-    ratio = (f * l_eff / max_position_embeddings) - (f - 1.0)
-    return float(theta) * ratio ** (head_dim / (head_dim - 2))
 
 
 def rope_inv_freq(head_dim: int, base: float, device=None) -> torch.Tensor:

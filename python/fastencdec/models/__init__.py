@@ -1,33 +1,41 @@
-"""Models: configurations, the encoder-decoder LM and its decoder-only baseline."""
+"""Models: configurations, the encoder-decoder LM and its decoder-only baseline.
 
-from .backend import ops_backend
-from .config import DecoderOnlyConfig, EncDecConfig
-from .decoder_only import DecoderOnlyLM
-from .encoder_decoder import EncoderDecoderLM
-from .outputs import LMOutput
-from .quantize import (
-    Bf16Linear,
-    Int8Linear,
-    fuse_linears,
-    load_inference,
-    save_inference,
-    to_inference,
-)
-from .sizing import size_decoder_only_to, size_encdec_to_budget
+Names load on first use: ``fastencdec.models.config`` alone (what the torch-free
+runtime reads) does not import torch.
+"""
 
-__all__ = [
-    "EncDecConfig",
-    "DecoderOnlyConfig",
-    "EncoderDecoderLM",
-    "DecoderOnlyLM",
-    "LMOutput",
-    "ops_backend",
-    "size_encdec_to_budget",
-    "size_decoder_only_to",
-    "to_inference",
-    "save_inference",
-    "load_inference",
-    "Int8Linear",
-    "Bf16Linear",
-    "fuse_linears",
-]
+from __future__ import annotations
+
+import importlib
+
+# name -> the submodule that defines it
+_EXPORTS = {
+    "ops_backend": "backend",
+    "EncDecConfig": "config",
+    "DecoderOnlyConfig": "config",
+    "DecoderOnlyLM": "decoder_only",
+    "EncoderDecoderLM": "encoder_decoder",
+    "LMOutput": "outputs",
+    "Bf16Linear": "quantize",
+    "Int8Linear": "quantize",
+    "fuse_linears": "quantize",
+    "load_inference": "quantize",
+    "save_inference": "quantize",
+    "to_inference": "quantize",
+    "size_decoder_only_to": "sizing",
+    "size_encdec_to_budget": "sizing",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
