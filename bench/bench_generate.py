@@ -16,6 +16,9 @@ downloaded):
 - fastencdec ``EncoderDecoderLM`` / ``DecoderOnlyLM`` of ``--preset``; formats fp32,
   bf16 and int8 through ``fastencdec.models.quantize.to_inference`` where it exists
   (``fp32-plain`` / ``bf16-plain``: the plain module, cast with ``.to()``);
+- fastencdec's torch-free runtime (``fastencdec.runtime``, ``--runtime-formats``: int8
+  and bf16 by default) serving the same weights saved by ``save_inference``: the same
+  kernels without torch in the process;
 - with ``--peers``: CTranslate2 (int8, float32) and transformers (eager fp32) serving a
   T5 of the same dimensions (full multi-head K/V: T5 has no GQA; relative position
   buckets) and a Llama-architecture decoder-only of about the twin's size (built as
@@ -56,6 +59,9 @@ import _harness as harness  # noqa: E402
 ENCDEC, DECONLY = "encoder_decoder", "decoder_only"
 ARCHS = (ENCDEC, DECONLY)
 FORMATS = ("fp32", "bf16", "int8", "fp32-plain", "bf16-plain")
+RUNTIME_FORMATS = ("int8", "bf16")
+RUNTIME = "fastencdec-runtime"
+OURS = ("fastencdec", RUNTIME)
 CT2_TYPES = ("int8", "float32")
 CT2_LABEL = {"int8": "int8", "float32": "fp32", "int8_float32": "int8"}
 PAPER = {"first_token_cut": 0.47, "throughput_ratio": 4.7}  # arXiv 2501.16273
@@ -162,6 +168,32 @@ class FastencdecEngine:
         return None
 
 
+class RuntimeEngine:
+    """fastencdec.runtime: numpy and the C++ kernels, no torch imported."""
+
+    def __init__(self, spec: dict):
+        import fastencdec.runtime as rt
+
+        self.model = rt.load(Path(spec["model_dir"]) / f"{spec['format']}-inference",
+                             threads=spec["threads"])
+        self.path = "fastencdec.runtime.load"
+        self.params = self.model.config.num_parameters()
+
+    def generate(self, rows: list[list[int]], new_tokens: int):
+        stamps: list[float] = []
+        start = time.perf_counter()
+        out = self.model.generate(rows, max_new_tokens=new_tokens, eos_token_id=(),
+                                  streamer=lambda _tokens: stamps.append(time.perf_counter()))
+        end = time.perf_counter()
+        return stamps[0] - start, end - start, [int(out.shape[1])] * len(rows)
+
+    def reset_device_peak(self):
+        pass
+
+    def device_peak_mib(self):
+        return None
+
+
 def find_to_inference():
     """``fastencdec.models.quantize.to_inference`` when this installation has it."""
     try:
@@ -265,7 +297,8 @@ class CTranslate2Engine:
         return None
 
 
-ENGINES = {"fastencdec": FastencdecEngine, "transformers": TransformersEngine,
+ENGINES = {"fastencdec": FastencdecEngine, RUNTIME: RuntimeEngine,
+           "transformers": TransformersEngine,
            "ctranslate2": CTranslate2Engine}
 
 
@@ -338,7 +371,14 @@ def prepare_fastencdec(job: dict) -> dict:
     out = Path(job["dir"])
     model.save_pretrained(out / "fp32")
     model.to(torch.bfloat16).save_pretrained(out / "bf16")
-    return {"params": model.num_parameters()}
+    params = model.num_parameters()
+    del model
+    from fastencdec.models import save_inference, to_inference
+
+    for fmt in RUNTIME_FORMATS:  # what the torch-free runtime serves
+        save_inference(to_inference(cls.from_pretrained(out / "fp32"), fmt),
+                       out / f"{fmt}-inference")
+    return {"params": params}
 
 
 def prepare_peer(job: dict) -> dict:
@@ -411,6 +451,8 @@ def cache_dir_for(kind: str, arch: str, config: dict, root: Path) -> Path:
 
     key = {"kind": kind, "arch": arch, "config": config, "seed": SEED, "format": 1,
            "versions": [ver("transformers"), ver("ctranslate2")] if kind == "peer" else []}
+    if kind == "fastencdec":
+        key["layout"] = 2  # with the runtime's int8/bf16 saves
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return root / f"{kind}-{arch}-{digest}"
 
@@ -456,6 +498,8 @@ def engine_label(spec: dict) -> str:
         return f"CTranslate2 {CT2_LABEL.get(spec['format'], spec['format'])}"
     if spec["engine"] == "transformers":
         return "transformers eager fp32"
+    if spec["engine"] == RUNTIME:
+        return f"fastencdec runtime {spec['format']}"
     return f"fastencdec {spec['format']}"
 
 
@@ -463,6 +507,11 @@ def plan(args, config_dicts: dict, notes: list[str]) -> list[dict]:
     """Every configuration to measure, in the order one round runs them."""
     engines = [("fastencdec", f) for f in args.formats]
     inference = to_inference_available()
+    if args.device == "cpu" and args.runtime_formats:
+        if runtime_available():
+            engines += [(RUNTIME, f) for f in args.runtime_formats]
+        else:
+            notes.append("fastencdec.runtime is not importable here: the runtime skipped")
     if not inference:
         if "int8" in args.formats:
             notes.append("fastencdec.models.quantize.to_inference does not exist yet: "
@@ -479,7 +528,7 @@ def plan(args, config_dicts: dict, notes: list[str]) -> list[dict]:
         if harness.package_version("transformers") is None:
             notes.append("transformers is not installed (pip install \".[peers]\"): "
                          "transformers and CTranslate2 peers skipped")
-            engines = [(e, f) for e, f in engines if e == "fastencdec"]
+            engines = [(e, f) for e, f in engines if e in OURS]
         else:
             engines.append(("transformers", "fp32"))
     specs = []
@@ -494,6 +543,14 @@ def plan(args, config_dicts: dict, notes: list[str]) -> list[dict]:
                               "to_inference": inference,
                               "curve_lengths": args.first_token_curve if batch == 1 else []})
     return specs
+
+
+def runtime_available() -> bool:
+    try:
+        import fastencdec.runtime  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def to_inference_available() -> bool:
@@ -574,7 +631,7 @@ def targets(rows: list[dict], args, meaningless: bool) -> list[dict]:
     """Issue 11's goals for the encoder-decoder, each marked met / not met / n/a."""
     standard = (args.preset == "mu-330m" and args.input_len == 512 and args.new_tokens == 128
                 and args.threads == 2 and args.device == "cpu")
-    ours = [r for r in rows if r["engine"] == "fastencdec" and r["arch"] == ENCDEC]
+    ours = [r for r in rows if r["engine"] in OURS and r["arch"] == ENCDEC]
     out = []
 
     def add(goal, batch, row, value, limit, met, unit=""):
@@ -600,18 +657,26 @@ def targets(rows: list[dict], args, meaningless: bool) -> list[dict]:
             ("bf16", "x_ct2_fp32", 1.5, "bf16 >= 1.5x CTranslate2 fp32 end to end"),
             ("fp32", "x_transformers", 1.0, "fp32 >= transformers eager fp32 end to end")):
         for batch in args.batch_sizes:
-            row = find(ours, format=fmt, batch=batch)
-            value = row.get(peer_key) if row else None
-            add(goal, batch, row, value, limit, None if value is None else value >= limit, "x")
+            for engine in OURS:
+                row = find(ours, engine=engine, format=fmt, batch=batch)
+                if row is None and engine != "fastencdec":
+                    continue
+                value = row.get(peer_key) if row else None
+                add(goal, batch, row, value, limit, None if value is None else value >= limit,
+                    "x")
     for fmt, peer_fmt in (("int8", "int8"), ("fp32", "float32")):
         for batch in args.batch_sizes:
-            row = find(ours, format=fmt, batch=batch)
             peer = find(rows, engine="ctranslate2", format=peer_fmt, arch=ENCDEC, batch=batch)
-            ok = (None if not (row and peer and row["peak_rss_mib"] and peer["peak_rss_mib"])
-                  else row["peak_rss_mib"] <= 1.2 * peer["peak_rss_mib"])
-            add(f"{fmt} peak RSS <= CTranslate2 {CT2_LABEL[peer_fmt]} + 20%", batch, row,
-                row["peak_rss_mib"] if row else None,
-                1.2 * peer["peak_rss_mib"] if peer and peer["peak_rss_mib"] else None, ok, "MiB")
+            for engine in OURS:
+                row = find(ours, engine=engine, format=fmt, batch=batch)
+                if row is None and engine != "fastencdec":
+                    continue
+                ok = (None if not (row and peer and row["peak_rss_mib"] and peer["peak_rss_mib"])
+                      else row["peak_rss_mib"] <= 1.2 * peer["peak_rss_mib"])
+                add(f"{fmt} peak RSS <= CTranslate2 {CT2_LABEL[peer_fmt]} + 20%", batch, row,
+                    row["peak_rss_mib"] if row else None,
+                    1.2 * peer["peak_rss_mib"] if peer and peer["peak_rss_mib"] else None, ok,
+                    "MiB")
     return out
 
 
@@ -707,6 +772,9 @@ def parse_args(argv):
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--formats", nargs="+", choices=FORMATS, default=None,
                    help="fastencdec weight formats (default fp32 bf16 int8)")
+    p.add_argument("--runtime-formats", nargs="*", choices=RUNTIME_FORMATS, default=None,
+                   help="formats of fastencdec's torch-free runtime (default int8 bf16 on the "
+                        "CPU, none with --quick; none: leave it out)")
     p.add_argument("--ct2-types", nargs="+", choices=("int8", "float32", "int8_float32"),
                    default=list(CT2_TYPES))
     p.add_argument("--archs", nargs="+", choices=ARCHS, default=list(ARCHS))
@@ -740,6 +808,8 @@ def parse_args(argv):
     args.input_len = args.input_len or (32 if q else 512)
     args.new_tokens = args.new_tokens or (8 if q else 128)
     args.rounds = args.rounds or (1 if q else 3)
+    if args.runtime_formats is None:
+        args.runtime_formats = [] if gpu or q else list(RUNTIME_FORMATS)
     # On a GPU the plain module runs (to_inference targets the CPU).
     args.formats = args.formats or (["bf16-plain"] if gpu else ["fp32", "bf16"] if q
                                     else ["fp32", "bf16", "int8"])
@@ -828,7 +898,7 @@ def main(argv=None):
 
     prepared, errors = {}, []
     for arch in args.archs:
-        kinds = {"fastencdec"} | ({"peer"} if any(s["engine"] != "fastencdec" and
+        kinds = {"fastencdec"} | ({"peer"} if any(s["engine"] not in OURS and
                                                   s["arch"] == arch for s in specs) else set())
         for kind in sorted(kinds):
             try:
@@ -837,7 +907,7 @@ def main(argv=None):
             except ChildFailed as err:
                 notes.append(f"could not prepare {kind} {arch}: {err}")
     for spec in specs:
-        info = prepared.get(("fastencdec" if spec["engine"] == "fastencdec" else "peer",
+        info = prepared.get(("fastencdec" if spec["engine"] in OURS else "peer",
                              spec["arch"]))
         spec["model_dir"] = info["dir"] if info else None
     runnable = [s for s in specs if s["model_dir"]]
@@ -851,7 +921,7 @@ def main(argv=None):
     add_ratios(rows)
     verdict = run.verdict()
     for row in rows:
-        if row["engine"] == "fastencdec":
+        if row["engine"] in OURS:
             row["flops_per_sequence"] = generation_flops(configs[row["arch"]], row["input_len"],
                                                          row["new_tokens"])
     record = {

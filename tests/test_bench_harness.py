@@ -303,6 +303,11 @@ def test_targets_are_marked_met_or_not():
     assert status[("int8 peak RSS <= CTranslate2 int8 + 20%", 1)] == "met"  # 500 <= 540
     assert status[("int8 peak RSS <= CTranslate2 int8 + 20%", 8)] == "not met"  # 700 > 600
     assert status[("bf16 >= 1.5x CTranslate2 fp32 end to end", 1)] == "n/a"  # not measured
+    rows.append(_row(bench_generate.RUNTIME, "int8", 1, 1.0, 300, 400))
+    bench_generate.add_ratios(rows)
+    marks = [(t["engine"], t["status"]) for t in bench_generate.targets(rows, _target_args(), False)
+             if t["target"] == "int8 peak RSS <= CTranslate2 int8 + 20%" and t["batch"] == 1]
+    assert marks == [("fastencdec int8", "met"), (f"{bench_generate.RUNTIME} int8", "met")]
     other = bench_generate.targets(rows, _target_args(input_len=64), True)
     assert all(t["status"].startswith("n/a") for t in other)  # goals hold for 512 -> 128 only
 
@@ -339,7 +344,8 @@ def test_quick_run_end_to_end(tmp_path):
     the rows claim (tokens/s from the measured times, every row the asked token count)."""
     peers = all(harness.package_version(p) for p in ("ctranslate2", "transformers", "tokenizers"))
     cmd = [sys.executable, str(BENCH / "bench_generate.py"), "--quick", "--batch-sizes", "2",
-           "--formats", "fp32", "--ct2-types", "int8", "--results-dir", str(tmp_path / "res"),
+           "--formats", "fp32", "--runtime-formats", "int8", "--ct2-types", "int8",
+           "--results-dir", str(tmp_path / "res"),
            "--cache-dir", str(tmp_path / "cache"), "--no-plot", "--threads", "1"]
     if peers:
         cmd += ["--peers", "--archs", "encoder_decoder"]
@@ -350,6 +356,8 @@ def test_quick_run_end_to_end(tmp_path):
     assert record["setting"]["preset"] == "tiny" and record["errors"] == []
     labels = {(r["label"], r["arch"]) for r in record["rows"]}
     assert ("fastencdec fp32", "encoder_decoder") in labels
+    runtime = bench_generate.find(record["rows"], engine=bench_generate.RUNTIME)
+    assert runtime["label"] == "fastencdec runtime int8" and runtime["torch_imported"] is False
     if peers:
         assert {("CTranslate2 int8", "encoder_decoder"),
                 ("transformers eager fp32", "encoder_decoder")} <= labels
