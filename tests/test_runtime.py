@@ -60,6 +60,8 @@ def _inputs(config, gen, batch=3):
     if batch > 2:
         mask[2, :3] = False  # left padding
         mask[2, 5] = False  # and inside
+    if batch > 3:
+        mask[3] = False  # nothing to read (an encoder-decoder takes it)
     return ids, mask
 
 
@@ -98,11 +100,12 @@ def test_runtime_equals_the_torch_model_bitwise(arch, fmt, case, threads, seed, 
                                                  monkeypatch):
     directory, config = _saved(tmp_path, arch, fmt, CASES[case])
     gen = torch.Generator().manual_seed(seed)
-    ids, mask = _inputs(config, gen)
+    batch = 4 if arch == "encoder_decoder" else 3
+    ids, mask = _inputs(config, gen, batch)
     for m, n in ((mask, 1), (None, 2)):
         expected, got, seen = _both(directory, ids, m, threads, monkeypatch, max_new_tokens=7,
                                     eos_token_id=(), num_return_sequences=n)
-        assert got.dtype == np.int64 and got.shape == expected.shape == (3 * n, 7)
+        assert got.dtype == np.int64 and got.shape == expected.shape == (batch * n, 7)
         np.testing.assert_array_equal(got, expected)
         assert len(seen["runtime"]) == len(seen["torch"]) == 7
         for step, (a, b) in enumerate(zip(seen["runtime"], seen["torch"], strict=True)):
@@ -133,6 +136,8 @@ def test_encoder_attention_fp32_equals_the_module_path(seed, tmp_path, monkeypat
         states = model.encode(ids, mask)
     got = runtime.encode(ids.numpy(), mask.numpy())
     assert np.array_equal(got, states.numpy())
+    with pytest.raises(ValueError, match="attention_mask must have the shape"):
+        runtime.encode(ids.numpy(), mask.numpy()[:, 1:])
 
 
 def test_sampling_filters_match_torch(seed):

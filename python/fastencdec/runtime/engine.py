@@ -322,8 +322,13 @@ class EncoderDecoderRuntime(_Runtime):
         # default, EncoderDecoderLM.encoder_attention); "fp32": the module path's
         self.encoder_attention = "bf16" if bf16_attention else "fp32"
 
-    def encode(self, ids: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-        """Final encoder states ``[B, L, d]`` (activations' dtype)."""
+    def encode(self, input_ids, attention_mask=None) -> np.ndarray:
+        """Final encoder states ``[B, L, d]`` of ``input_ids`` (after the encoder's final
+        norm; fp32, or bf16 bits as uint16), as ``EncoderDecoderLM.encode``."""
+        ids = _token_ids("input_ids", input_ids, self.config.vocab_size)
+        return self._encode(ids, _mask(attention_mask, ids))
+
+    def _encode(self, ids: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
         if self.encoder_attention not in ("bf16", "fp32"):
             raise ValueError(f"encoder_attention must be 'bf16' or 'fp32', got "
                              f"{self.encoder_attention!r}")
@@ -361,7 +366,7 @@ class EncoderDecoderRuntime(_Runtime):
             mask = None
         rows = ids.shape[0] * s.n
         cache = self._cache(c.n_decoder_layers, rows, s.max_new_tokens)
-        states = self.encode(ids, mask)
+        states = self._encode(ids, mask)
         ks, vs = self.cross_kv(states)
         del states
         step = self._stepper(cache, ks, vs, mask, mask_generated_pad=True)
