@@ -219,6 +219,37 @@ def test_generate_dtype(capsys, trained):
         assert cli.main([*base, "--dtype", "bf16"]) == 0
 
 
+def test_export_then_generate_on_the_runtime_without_torch(capsys, trained, tmp_path):
+    """`export` writes an int8 folder with the tokenizer; `generate` gives the same text
+    from it on the torch model and on the torch-free runtime (whose process never
+    imports torch)."""
+    import subprocess
+    import sys
+
+    model, out = str(trained / "run" / "model"), str(tmp_path / "int8")
+    assert cli.main(["export", "--model", model, "--dtype", "int8", "--out", out]) == 0
+    assert "int8 model written" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "tokenizer.model"]
+    base = ["generate", "--model", out, "--prompt", "Where does Maria live?", "--prompt",
+            "Who?", "--context", "Maria lives in Lisbon.", "--max-new-tokens", "4"]
+    assert cli.main([*base, "--device", "cpu", "--threads", "1"]) == 0
+    on_torch = capsys.readouterr().out
+    assert len(on_torch.splitlines()) == 2
+    script = ("import sys; from fastencdec import cli; rc = cli.main(sys.argv[1:]); "
+              "print('torch' in sys.modules, file=sys.stderr); sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", script, *base, "--runtime", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == on_torch
+    assert done.stderr.strip().splitlines()[-1] == "False"
+    rc = cli.main(["generate", "--model", model, "--prompt", "p", "--runtime"])
+    one_line_error(capsys, rc, "--runtime serves int8/bf16 folders", "float weights")
+    rc = cli.main([*base, "--runtime", "--dtype", "bf16"])
+    one_line_error(capsys, rc, "holds int8 weights, not --dtype bf16")
+    rc = cli.main(["export", "--model", model, "--dtype", "bf16", "--out", out])
+    one_line_error(capsys, rc, "exists and is not empty")
+
+
 def test_distill_refuses_a_teacher_with_another_tokenizer(capsys, trained, tmp_path):
     # the teacher's tokenizer was trained on other text: same size, other pieces
     config = run_config(tmp_path, task="distill",

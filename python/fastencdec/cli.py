@@ -1,4 +1,5 @@
-"""Command line: ``fastencdec info | selfcheck | demo | train | eval | generate | bench``.
+"""Command line: ``fastencdec info | selfcheck | demo | train | eval | export | generate |
+bench``.
 
 Each subcommand is one entry of :data:`COMMANDS` (its arguments and its handler).
 A user error (missing file, bad config, bad value, no CUDA) prints one line on
@@ -183,26 +184,130 @@ def _to_inference(model, dtype: str):
     return to_inference(model, dtype)
 
 
+def _tokenizer_files(directory: str) -> list[str]:
+    from .data.json_tokenizer import JSON_TOKENIZER_FILE
+    from .data.tokenizer import TOKENIZER_FILE
+
+    return [os.path.join(directory, name) for name in (TOKENIZER_FILE, JSON_TOKENIZER_FILE)
+            if os.path.isfile(os.path.join(directory, name))]
+
+
+def cmd_export(args) -> int:
+    import shutil
+
+    from .models.quantize import save_inference
+    from .training.run_config import load_pretrained
+    from .training.threads import choose_threads
+
+    if os.path.exists(args.out) and os.listdir(args.out):
+        raise CommandError(f"--out {args.out} exists and is not empty")
+    model = load_pretrained(args.model, device="cpu")
+    choose_threads(args.threads, device="cpu", params=model.num_parameters())
+    model = _to_inference(model, args.dtype)
+    save_inference(model, args.out)
+    copied = []
+    for path in _tokenizer_files(args.tokenizer or args.model):
+        shutil.copy2(path, args.out)
+        copied.append(os.path.basename(path))
+    print(f"{args.dtype} model written to {args.out}"
+          + (f" (with {', '.join(copied)})" if copied else " (no tokenizer found to copy)"))
+    if args.dtype != "fp32":
+        print(f"serve it without torch: fastencdec generate --runtime --model {args.out} "
+              "--prompt ...")
+    return 0
+
+
+def _saved_format(directory: str) -> str | None:
+    """The inference format of a ``save_inference`` folder, None for a float one."""
+    from .runtime.safetensors_file import SafetensorsFile
+    from .runtime.weights import FORMAT_KEY, WEIGHTS_NAME
+
+    weights = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        return None
+    with SafetensorsFile(weights) as f:
+        return f.metadata.get(FORMAT_KEY)
+
+
+def _prompt_ids(tok, args):
+    """Token ids of ``--prompt`` (QA-formatted with ``--context``)."""
+    from .data.seq2seq import format_qa_prompt
+
+    prompts = args.prompt
+    if args.context is not None:
+        prompts = [format_qa_prompt(p, args.context) for p in prompts]
+    return tok.encode(list(prompts))
+
+
+def _generate_on_runtime(args) -> int:
+    """``generate --runtime``: an int8/bf16 ``save_inference`` folder on the torch-free
+    runtime; nothing here imports torch."""
+    import numpy as np
+
+    from . import runtime
+    from .data.json_tokenizer import load_tokenizer
+
+    if args.image:
+        raise CommandError("--runtime serves text models; drop --runtime for --image")
+    if args.device not in (None, "cpu"):
+        raise CommandError(f"--runtime runs on the CPU, not --device {args.device}")
+    fmt = _saved_format(args.model)
+    if fmt not in ("int8", "bf16"):
+        raise CommandError(f"--runtime serves int8/bf16 folders written by `fastencdec export` "
+                           f"(or save_inference); {args.model} holds "
+                           f"{'float' if fmt is None else fmt} weights")
+    if args.dtype not in (None, fmt):
+        raise CommandError(f"{args.model} holds {fmt} weights, not --dtype {args.dtype}")
+    model = runtime.load(args.model, threads=args.threads)
+    tok = load_tokenizer(args.tokenizer or args.model)
+    seqs = _prompt_ids(tok, args)
+    limit = model.config.max_position_embeddings
+    longest = max(len(s) for s in seqs)
+    if longest > limit and model.config.rope_scaling_factor <= 1:
+        raise CommandError(f"--prompt is {longest} tokens long but the model reads at most "
+                           f"{limit} (max_position_embeddings)")
+    ids = np.full((len(seqs), max(longest, 1)), tok.pad_id, dtype=np.int64)
+    mask = np.zeros(ids.shape, dtype=np.bool_)
+    for row, seq in enumerate(seqs):
+        ids[row, :len(seq)], mask[row, :len(seq)] = seq, True
+    out = model.generate(ids, mask, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         eos_token_id=tok.eos_id)
+    for text in tok.batch_decode(out):
+        print(text)
+    return 0
+
+
 def cmd_generate(args) -> int:
+    if args.runtime:
+        return _generate_on_runtime(args)
     if args.image:  # a vision-language model: fastencdec.vision
         from .vision.cli import generate_with_images
 
         return generate_with_images(args)
-    from .data import format_qa_prompt, load_tokenizer
+    from .data import load_tokenizer
+    from .models.quantize import load_inference
     from .training.run_config import load_pretrained
     from .training.threads import choose_threads, warn_if_oversubscribed
 
     device = _default_device(args)
-    model = load_pretrained(args.model, device=device)
+    fmt = _saved_format(args.model)
+    if fmt is not None:  # an inference folder (fastencdec export / save_inference)
+        if args.dtype not in (None, fmt):
+            raise CommandError(f"{args.model} holds {fmt} weights, not --dtype {args.dtype}")
+        if device != "cpu":
+            raise CommandError(f"{args.model} holds {fmt} CPU inference weights; use --device cpu")
+        model = load_inference(args.model)
+    else:
+        model = load_pretrained(args.model, device=device)
     if device == "cpu":
-        threads, _ = choose_threads(args.threads, device=device, params=model.num_parameters())
+        threads, _ = choose_threads(args.threads, device=device, params=model.num_parameters()
+                                    if fmt is None else model.config.num_parameters())
         warn_if_oversubscribed(threads)
-    model = _to_inference(model, args.dtype)
+    if fmt is None:
+        model = _to_inference(model, args.dtype or "fp32")
     tok = load_tokenizer(args.tokenizer or args.model)
-    prompts = args.prompt
-    if args.context is not None:
-        prompts = [format_qa_prompt(p, args.context) for p in prompts]
-    batch = tok(prompts)
+    batch = tok.pad(_prompt_ids(tok, args))
     limit = model.config.max_position_embeddings
     if batch["input_ids"].shape[1] > limit and model.config.rope_scaling_factor <= 1:
         raise CommandError(f"--prompt is {batch['input_ids'].shape[1]} tokens long but the model "
@@ -313,7 +418,8 @@ def args_eval(p):
 
 
 def args_generate(p):
-    p.add_argument("--model", required=True, help="folder written by save_pretrained")
+    p.add_argument("--model", required=True, help="folder written by save_pretrained, or by "
+                   "`fastencdec export` / save_inference")
     p.add_argument("--prompt", required=True, action="append",
                    help="input text (repeat for a batch); a question with --context")
     p.add_argument("--context", default=None,
@@ -327,9 +433,23 @@ def args_generate(p):
     p.add_argument("--temperature", type=float_in(0.0, 1e4), default=1.0)
     p.add_argument("--top-k", type=int_at_least(1), default=None)
     p.add_argument("--top-p", type=float_in(0.0, 1.0), default=None)
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "int8"),
-                   help="inference weights (bf16/int8 via fastencdec.models.quantize)")
+    p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "int8"),
+                   help="inference weights (bf16/int8 via fastencdec.models.quantize); "
+                        "default fp32, or the format of an exported folder")
+    p.add_argument("--runtime", action="store_true",
+                   help="serve an exported int8/bf16 folder on the torch-free runtime "
+                        "(fastencdec.runtime: numpy and the C++ kernels, no torch loaded)")
     _device_arg(p)
+    _threads_arg(p)
+
+
+def args_export(p):
+    p.add_argument("--model", required=True, help="folder written by save_pretrained")
+    p.add_argument("--dtype", required=True, choices=("int8", "bf16", "fp32"),
+                   help="inference weights (to_inference)")
+    p.add_argument("--out", required=True, help="new folder: the inference model (read by "
+                   "load_inference, fastencdec.runtime and generate) and the tokenizer")
+    p.add_argument("--tokenizer", default=None, help="default: the one in --model")
     _threads_arg(p)
 
 
@@ -353,6 +473,8 @@ COMMANDS: dict[str, Command] = {
     "train": Command(cmd_train, args_train, "pretrain / finetune / distill from a run config"),
     "eval": Command(cmd_eval, args_eval, "exact match, token F1, ROUGE-L and held-out loss of a "
                                          "saved model"),
+    "export": Command(cmd_export, args_export, "write an int8/bf16/fp32 CPU inference model "
+                                               "(for load_inference and fastencdec.runtime)"),
     "generate": Command(cmd_generate, args_generate, "generate text with a saved model"),
     "bench": Command(cmd_bench, args_bench, "run a benchmark script from bench/"),
 }
@@ -388,16 +510,26 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _training_interrupted(exc: BaseException) -> bool:
+    # only a command that imported the training loop can raise it (generate --runtime
+    # must not import torch, which fastencdec.training does)
+    interrupt = sys.modules.get("fastencdec.training.interrupt")
+    return interrupt is not None and isinstance(exc, interrupt.TrainingInterrupted)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    _prefer_triton_interpreter()
-    from .training.interrupt import TrainingInterrupted
+    if not getattr(args, "runtime", False):
+        _prefer_triton_interpreter()
 
     try:
-        return COMMANDS[args.command].run(args)
-    except TrainingInterrupted as exc:
-        print(str(exc), file=sys.stderr)
-        return exc.exit_code
+        try:
+            return COMMANDS[args.command].run(args)
+        except BaseException as exc:
+            if not _training_interrupted(exc):
+                raise
+            print(str(exc), file=sys.stderr)
+            return exc.exit_code
     except KeyboardInterrupt:
         if args.debug:
             raise

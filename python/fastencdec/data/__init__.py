@@ -4,32 +4,32 @@ Each piece works alone in a user's own loop (e.g. ``Seq2SeqCollator`` as a
 ``DataLoader`` ``collate_fn``). Local JSONL/JSON/CSV/text files are read lazily
 without extra packages; ``datasets`` is imported only for parquet files and hub
 datasets, ``tokenizers`` only for ``tokenizer.json`` files.
+
+Names load on first use, so the tokenizers (``data.tokenizer``, ``data.json_tokenizer``)
+can be imported without torch.
 """
 
-from .bucketing import LengthBucketBatchSampler, example_length
-from .collate import IGNORE_INDEX, Seq2SeqCollator
-from .files import InMemoryRecords
-from .json_tokenizer import JsonTokenizer, load_tokenizer
-from .lazy import MappedSequence, TextBlocks, approx_lengths
-from .seq2seq import (
-    QA_PROMPT,
-    Seq2SeqEncoder,
-    format_qa_prompt,
-    qa_record,
-    qa_to_seq2seq,
-    seq2seq_record,
-    to_seq2seq,
-)
-from .sources import DatasetUnavailableError, load_records
-from .span_corruption import (
-    SpanCorruptionCollator,
-    chunk_tokens,
-    random_spans_noise_mask,
-    span_corrupt,
-)
-from .stream import BatchStream
-from .synthetic import SyntheticQA
-from .tokenizer import Tokenizer, TokenizerBase, pad_sequences
+from __future__ import annotations
+
+import importlib
+
+# name -> the submodule that defines it
+_EXPORTS = {
+    "LengthBucketBatchSampler": "bucketing", "example_length": "bucketing",
+    "IGNORE_INDEX": "collate", "Seq2SeqCollator": "collate",
+    "InMemoryRecords": "files",
+    "JsonTokenizer": "json_tokenizer", "load_tokenizer": "json_tokenizer",
+    "MappedSequence": "lazy", "TextBlocks": "lazy", "approx_lengths": "lazy",
+    "QA_PROMPT": "seq2seq", "Seq2SeqEncoder": "seq2seq", "format_qa_prompt": "seq2seq",
+    "qa_record": "seq2seq", "qa_to_seq2seq": "seq2seq", "seq2seq_record": "seq2seq",
+    "to_seq2seq": "seq2seq",
+    "DatasetUnavailableError": "sources", "load_records": "sources",
+    "SpanCorruptionCollator": "span_corruption", "chunk_tokens": "span_corruption",
+    "random_spans_noise_mask": "span_corruption", "span_corrupt": "span_corruption",
+    "BatchStream": "stream",
+    "SyntheticQA": "synthetic",
+    "Tokenizer": "tokenizer", "TokenizerBase": "tokenizer", "pad_sequences": "tokenizer",
+}
 
 __all__ = [
     "Tokenizer",
@@ -61,3 +61,15 @@ __all__ = [
     "chunk_tokens",
     "SyntheticQA",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -6,7 +6,8 @@ span corruption), then the learned pieces. An existing ``.model`` file with othe
 ids can be loaded too; its ids are read from the model.
 
 Batch helpers return torch tensors: ``input_ids`` (int64) and ``attention_mask``
-(bool, ``True`` = a real token), padded on the right unless asked otherwise.
+(bool, ``True`` = a real token), padded on the right unless asked otherwise. Encoding
+and decoding alone never import torch (the torch-free runtime's command line uses them).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Tokenizer", "TokenizerBase", "sentinel_piece", "pad_sequences"]
 
@@ -45,6 +48,8 @@ def pad_sequences(
     ``L`` is the longest sequence (at least 1), or ``max_length`` when given (longer
     sequences are an error here: truncate first), rounded up to ``pad_to_multiple_of``.
     """
+    import torch
+
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     longest = max((len(s) for s in sequences), default=0)
@@ -164,13 +169,13 @@ class TokenizerBase:
 
     # ----------------------------------------------------------------- decode
     def decode(self, ids, *, skip_special_tokens: bool = True, stop_at_eos: bool = True) -> str:
-        """Text of one id sequence (list or 1-D tensor).
+        """Text of one id sequence (list, 1-D tensor or 1-D numpy array).
 
         ``stop_at_eos`` cuts at the first EOS; ``skip_special_tokens`` drops pad/bos/eos
         (sentinels are kept: they carry meaning in span-corruption targets).
         """
-        if isinstance(ids, torch.Tensor):
-            if ids.dim() != 1:
+        if hasattr(ids, "ndim") and hasattr(ids, "tolist"):  # a tensor or an array
+            if ids.ndim != 1:
                 raise ValueError(f"decode takes one sequence [L], got shape {list(ids.shape)}; "
                                  "use batch_decode")
             ids = ids.tolist()
@@ -186,8 +191,8 @@ class TokenizerBase:
         return self._decode_ids(ids)
 
     def batch_decode(self, batch, **kwargs) -> list[str]:
-        if isinstance(batch, torch.Tensor):
-            if batch.dim() != 2:
+        if hasattr(batch, "ndim") and hasattr(batch, "tolist"):  # a tensor or an array
+            if batch.ndim != 2:
                 raise ValueError(f"batch_decode takes [B, L] ids, got shape {list(batch.shape)}")
             batch = batch.tolist()
         return [self.decode(row, **kwargs) for row in batch]
