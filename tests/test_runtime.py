@@ -113,6 +113,38 @@ def test_runtime_equals_the_torch_model_bitwise(arch, fmt, case, threads, seed, 
                 f"step {step}: max diff {np.abs(a - b).max():.3g}"
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_trimmed_and_strided_masks_equal_the_torch_model(fmt, seed, tmp_path, monkeypatch):
+    """Every row ending in padding (the trailing columns are dropped), and a mask that is
+    a strided view of a larger array."""
+    directory, config = _saved(tmp_path, "encoder_decoder", fmt)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, config.vocab_size, (3, 14), generator=gen)
+    lens = torch.tensor([9, 4, 11])
+    mask = torch.arange(14)[None] < lens[:, None]
+    expected, got, _ = _both(directory, ids, mask, 2, monkeypatch, max_new_tokens=5,
+                             eos_token_id=())
+    np.testing.assert_array_equal(got, expected)
+    wide = np.zeros((3, 28), dtype=np.bool_)
+    wide[:, ::2] = mask.numpy()
+    runtime = rt.load(directory, threads=1)
+    np.testing.assert_array_equal(runtime.generate(ids.numpy(), attention_mask=wide[:, ::2],
+                                                   max_new_tokens=5, eos_token_id=()), expected)
+
+
+def test_dynamic_ntk_encoder_past_the_trained_length(seed, tmp_path, monkeypatch):
+    """The encoder takes its NTK base at its padded length (no recomputation)."""
+    directory, config = _saved(tmp_path, "encoder_decoder", "int8",
+                               dict(rope_scaling_factor=2.0, max_position_embeddings=12))
+    ids, mask = _inputs(config, torch.Generator().manual_seed(seed))
+    ids = torch.cat([ids, ids], 1)[:, :max(20, ids.shape[1])]  # > 12 positions
+    mask = torch.cat([mask, mask], 1)[:, :ids.shape[1]]
+    expected, got, seen = _both(directory, ids, mask, 1, monkeypatch, max_new_tokens=6,
+                                eos_token_id=())
+    np.testing.assert_array_equal(got, expected)
+    assert all(np.array_equal(a, b) for a, b in zip(seen["runtime"], seen["torch"], strict=True))
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_eos_stops_rows_as_the_torch_model(arch, seed, tmp_path, monkeypatch):
     directory, config = _saved(tmp_path, arch, "int8")
@@ -153,6 +185,13 @@ def test_sampling_filters_match_torch(seed):
                                       np.isinf(generation.filter_top_p(untied, p).numpy()))
 
 
+def test_sampling_refuses_nan_logits():
+    logits = np.zeros((2, 5), np.float32)
+    logits[1, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        sampling.next_tokens(logits, do_sample=True, rng=np.random.default_rng(0))
+
+
 def test_sampling_is_seeded_and_stays_in_the_top_k(seed, tmp_path):
     directory, config = _saved(tmp_path, "encoder_decoder", "bf16")
     runtime = rt.load(directory, threads=1)
@@ -185,10 +224,20 @@ def test_runtime_never_imports_torch(tmp_path):
     assert done.stdout.strip() == "False"
 
 
+def test_importing_after_torch_registers_the_custom_ops():
+    script = ("import torch, fastencdec; "
+              "print(hasattr(torch.ops.fastencdec, 'append_kv_cache'))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr
+
+
 def test_lazy_package_names_still_resolve():
     import fastencdec
 
     assert fastencdec.EncoderDecoderLM is EncoderDecoderLM
+    assert fastencdec._C.active_isa() and fastencdec.models.quantize.to_inference is to_inference
+    assert fastencdec.data.tokenizer.Tokenizer is fastencdec.data.Tokenizer
     assert {"ops", "models", "runtime", "Rope", "load_inference"} <= set(dir(fastencdec))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         fastencdec.nope  # noqa: B018
@@ -252,6 +301,14 @@ def test_bad_model_directories_are_named(tmp_path):
         {**config, "n_encoder_layers": config["n_encoder_layers"] - 1}))
     with pytest.raises(ValueError, match="tensors the model does not have"):
         rt.load(directory)
+    # sizes far beyond the file are refused before anything that large is allocated
+    (directory / "config.json").write_text(json.dumps({**config, "d_ff": 2**30}))
+    with pytest.raises(ValueError, match="expected I8 .1073741824"):
+        rt.load(directory)
+    for bad in ("[]", '"x"', "[" * 100_000 + "]" * 100_000):
+        (directory / "config.json").write_text(bad)
+        with pytest.raises(ValueError, match="config"):
+            rt.load(directory)
 
 
 def test_truncated_or_corrupt_files_are_refused(tmp_path):
@@ -264,6 +321,23 @@ def test_truncated_or_corrupt_files_are_refused(tmp_path):
         weights.write_bytes(bad)
         with pytest.raises(ValueError, match=match):
             rt.load(directory)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+
+    def rewrite(new_header):  # data offsets count from the header's end: they still hold
+        text = json.dumps(new_header).encode()
+        weights.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n:])
+
+    name = next(k for k in header if k != "__metadata__")
+    for change in ({"dtype": ["F32"]}, {"shape": [-1]}, {"data_offsets": [0, 1]},
+                   {"data_offsets": "x"}):
+        rewrite({**header, name: {**header[name], **change}})
+        with pytest.raises(ValueError, match="not a readable safetensors file"):
+            rt.load(directory)
+    rewrite({**header, "__metadata__": {**header["__metadata__"],
+                                        "fastencdec_tied": json.dumps({"x": ["y"]})}})
+    with pytest.raises(ValueError, match="malformed 'fastencdec_tied'"):
+        rt.load(directory)
     weights.write_bytes(data)
     with SafetensorsFile(weights) as f:
         name = next(iter(f.entries))

@@ -3,12 +3,14 @@
 The names below load on first use, so ``import fastencdec.runtime`` (the torch-free
 CPU runtime for int8/bf16 models) never imports torch; everything else imports it
 when first touched, e.g. ``fastencdec.EncoderDecoderLM`` or ``import fastencdec.ops``
-(which also registers the ``torch.ops.fastencdec`` custom ops).
+(which also registers the ``torch.ops.fastencdec`` custom ops; importing fastencdec
+after torch registers them at once).
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 
 __version__ = "0.1.0"
 
@@ -22,7 +24,7 @@ _EXPORTS = {
     "load_inference": "models",
     "Rope": "spec",
 }
-_SUBMODULES = ("argcheck", "cli", "constants", "convert", "data", "generation", "info",
+_SUBMODULES = ("_C", "argcheck", "cli", "constants", "convert", "data", "generation", "info",
                "inputs", "kv_cache", "models", "ops", "reference", "runtime", "selfcheck",
                "spec", "training", "vision")
 
@@ -38,6 +40,13 @@ def __getattr__(name: str):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value  # later lookups skip this function
     return value
+
+
+# With torch already loaded, register the torch.ops.fastencdec custom ops now, as an
+# eager package would (e.g. for torch.export.load of a program that calls them); without
+# it, ``import fastencdec.ops`` (or any model or op) registers them on first use.
+if "torch" in sys.modules:
+    from . import ops  # noqa: E402,F401
 
 
 def __dir__() -> list[str]:

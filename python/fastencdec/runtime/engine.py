@@ -71,7 +71,7 @@ def _mask(mask, ids: np.ndarray) -> np.ndarray | None:
         raise ValueError(f"attention_mask must have the shape of its ids {list(ids.shape)}, "
                          f"got {list(mask.shape)}")
     if mask.dtype == np.bool_:
-        return mask
+        return np.ascontiguousarray(mask)  # the kernels read dense rows
     if not np.issubdtype(mask.dtype, np.integer):
         raise TypeError(f"attention_mask must be bool or 0/1 integers, got {mask.dtype}")
     if ((mask != 0) & (mask != 1)).any():
@@ -359,8 +359,9 @@ class EncoderDecoderRuntime(_Runtime):
         if mask is not None and c.rope_scaling_factor == 1.0:  # trim trailing padding
             real = np.flatnonzero(mask.any(0))
             n = int(real[-1]) + 1 if real.size else 1
-            ids, mask = ids[:, :n], mask[:, :n]
-        self._check_length("input_ids", ids.shape[1], "the input")
+            ids, mask = ids[:, :n], np.ascontiguousarray(mask[:, :n])
+        if c.rope_scaling_factor == 1.0:  # dynamic NTK: the encoder's base at its length
+            self._check_length("input_ids", ids.shape[1], "the input")
         self._check_length("max_new_tokens", s.max_new_tokens, "the output")
         if mask is not None and mask.all():
             mask = None

@@ -57,7 +57,7 @@ class SafetensorsFile:
             raise self._bad(f"header length {n} does not fit the file's {size} bytes")
         try:
             header = json.loads(self._file.read(n))
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:
             raise self._bad(f"header is not JSON: {err}") from None
         if not isinstance(header, dict):
             raise self._bad("header is not a JSON object")
@@ -71,7 +71,7 @@ class SafetensorsFile:
                 dtype, shape, (begin, end) = e["dtype"], tuple(e["shape"]), e["data_offsets"]
             except (TypeError, KeyError, ValueError):
                 raise self._bad(f"malformed entry {name!r}") from None
-            if dtype not in DTYPES:
+            if not isinstance(dtype, str) or dtype not in DTYPES:
                 raise self._bad(f"{name!r} has dtype {dtype!r}, not one of {sorted(DTYPES)}")
             if not all(isinstance(d, int) and d >= 0 for d in shape) or not (
                     isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):

@@ -47,12 +47,16 @@ def next_tokens(logits: np.ndarray, *, do_sample: bool, temperature: float = 1.0
     logits = as_float(logits)
     if not do_sample:
         return logits.argmax(-1).astype(np.int64)
-    logits = logits.astype(np.float64) / temperature
+    logits = logits.astype(np.float32) / np.float32(temperature)  # fp32, as torch
     if top_k is not None:
         logits = filter_top_k(logits, top_k)
     if top_p is not None:
         logits = filter_top_p(logits, top_p)
-    cdf = np.cumsum(softmax(logits), -1)
-    u = (rng if rng is not None else np.random.default_rng()).random((logits.shape[0], 1))
-    picked = (cdf < u * cdf[:, -1:]).sum(-1)  # first index whose cdf reaches u
+    probs = softmax(logits.astype(np.float64))
+    if not np.isfinite(probs).all():
+        raise ValueError("sampling: the logits hold NaN or Inf (no distribution to draw from)")
+    cdf = np.cumsum(probs, -1)
+    # u in (0, 1]: the first index whose cdf reaches u * total has a positive probability
+    u = 1.0 - (rng if rng is not None else np.random.default_rng()).random((logits.shape[0], 1))
+    picked = (cdf < u * cdf[:, -1:]).sum(-1)
     return np.minimum(picked, logits.shape[-1] - 1).astype(np.int64)

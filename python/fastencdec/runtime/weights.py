@@ -82,7 +82,8 @@ class WeightReader:
         name = self.tied.get(name, name)
         return name if name in self.f.entries else None
 
-    def read(self, name: str, dtype: str, shape: tuple[int, ...], out=None) -> np.ndarray:
+    def check(self, name: str, dtype: str, shape: tuple[int, ...]) -> str:
+        """The stored name of ``name``, which must hold ``dtype`` ``shape``."""
         stored = self.stored(name)
         if stored is None:
             raise ValueError(f"{self.f.path}: {name} is missing")
@@ -90,6 +91,10 @@ class WeightReader:
         if e.dtype != dtype or e.shape != tuple(shape):
             raise ValueError(f"{self.f.path}: {name} is {e.dtype} {list(e.shape)}, expected "
                              f"{dtype} {list(shape)} (config.json and the weights disagree)")
+        return stored
+
+    def read(self, name: str, dtype: str, shape: tuple[int, ...], out=None) -> np.ndarray:
+        stored = self.check(name, dtype, shape)
         self.used.add(stored)
         return self.f.read(stored, out)
 
@@ -99,6 +104,8 @@ class WeightReader:
     def linear(self, names: list[str], in_features: int, outs: list[int]) -> Linear:
         """The layers ``names`` (out features ``outs``) stacked into one packed layer."""
         fmt, n = self.fmt, sum(outs)
+        for name, out in zip(names, outs, strict=True):  # before allocating what they claim
+            self.check(f"{name}.weight", _WEIGHT_DTYPE[fmt], (out, in_features))
         plain = np.empty((n, in_features), dtype=np.int8 if fmt == "int8" else np.uint16)
         scale = np.empty(n, dtype=np.float32) if fmt == "int8" else None
         has_bias = {self.stored(f"{name}.bias") is not None for name in names}
@@ -125,13 +132,16 @@ class WeightReader:
 
 def read_config(directory: Path):
     """(the config object of ``directory/config.json``, the model's class name)."""
-    from ..models.config import DecoderOnlyConfig, EncDecConfig
+    from ..models.config import MAX_CONFIG_FILE_BYTES, DecoderOnlyConfig, EncDecConfig
 
     path = directory / CONFIG_NAME
     try:
-        arch = json.loads(path.read_text()).get("architecture")
-    except (OSError, ValueError) as err:
+        if path.stat().st_size > MAX_CONFIG_FILE_BYTES:
+            raise ValueError(f"larger than {MAX_CONFIG_FILE_BYTES} bytes")
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as err:
         raise ValueError(f"{path}: not a readable config ({err})") from None
+    arch = data.get("architecture") if isinstance(data, dict) else None
     classes = {c.architecture: c for c in (EncDecConfig, DecoderOnlyConfig)}
     if arch not in classes:
         raise ValueError(f"{path}: architecture must be one of {sorted(classes)}, got {arch!r}")
@@ -158,7 +168,8 @@ def open_weights(directory: str | os.PathLike):
             tied = json.loads(f.metadata.get(TIED_KEY, "{}"))
         except ValueError:
             tied = None
-        if not isinstance(tied, dict):
+        if not isinstance(tied, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
             raise ValueError(f"{f.path}: malformed {TIED_KEY!r} metadata")
         if config.mlp != "gelu":
             raise ValueError(f"{directory / CONFIG_NAME}: the runtime serves GELU MLPs, not "
