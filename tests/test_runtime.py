@@ -193,7 +193,8 @@ def test_sampling_refuses_nan_logits():
 
 
 def test_sampling_is_seeded_and_stays_in_the_top_k(seed, tmp_path):
-    directory, config = _saved(tmp_path, "encoder_decoder", "bf16")
+    # int8: fp32 logits (bf16 logits often tie, and top-k keeps ties at the threshold)
+    directory, config = _saved(tmp_path, "encoder_decoder", "int8")
     runtime = rt.load(directory, threads=1)
     ids = np.random.default_rng(seed).integers(3, config.vocab_size, (2, 12))
     greedy = runtime.generate(ids, max_new_tokens=6, eos_token_id=())
