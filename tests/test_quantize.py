@@ -521,6 +521,26 @@ def test_converted_model_keeps_no_view_of_the_loaded_file(fmt, tmp_path, seed):
     assert model.lm_head is not None and weight_format(model) == fmt
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_load_inference_reads_packed_files_without_mapping_them(fmt, tmp_path, monkeypatch):
+    # a mapped file's touched pages stay resident beside the packed copies until it
+    # closes: loading mu-330m int8 peaked at 1064 MiB that way (744 MiB read tensor by
+    # tensor)
+    from fastencdec.models import quantize
+
+    model = to_inference(tiny("encdec"), fmt)
+    save_inference(model, tmp_path)
+
+    def no_mapping(*args, **kwargs):
+        raise AssertionError("the weights file was mapped")
+
+    monkeypatch.setattr(quantize, "safe_open", no_mapping)
+    loaded = load_inference(tmp_path)
+    ids = torch.randint(3, TINY.vocab_size, (2, 9))
+    assert torch.equal(loaded.generate(ids, max_new_tokens=4, eos_token_id=()),
+                       model.generate(ids, max_new_tokens=4, eos_token_id=()))
+
+
 def test_to_inference_errors():
     model = EncoderDecoderLM(TINY)
     with pytest.raises(ValueError, match="dtype must be one of"):

@@ -19,8 +19,9 @@ from typing import NamedTuple
 import numpy as np
 
 # safetensors dtype -> the numpy dtype holding it (bf16 as its uint16 bits)
-DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I8": np.int8,
-          "U8": np.uint8, "I32": np.int32, "I64": np.int64, "BOOL": np.bool_}
+DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+          "I8": np.int8, "U8": np.uint8, "I16": np.int16, "U16": np.uint16, "I32": np.int32,
+          "I64": np.int64, "BOOL": np.bool_}
 MAX_HEADER_BYTES = 100 << 20
 
 
