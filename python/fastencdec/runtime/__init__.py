@@ -18,6 +18,22 @@ the same directory, ``model.generate``) bitwise; ``generate`` takes the same arg
 (sampling draws from numpy's generator, ``seed=``).
 """
 
-from .engine import DecoderOnlyRuntime, EncoderDecoderRuntime, default_threads, load
+from __future__ import annotations
 
+import importlib
+
+# loaded on first use: the file reader (``safetensors_file``, which load_inference also
+# uses) needs neither the engine nor the compiled module
 __all__ = ["load", "EncoderDecoderRuntime", "DecoderOnlyRuntime", "default_threads"]
+
+
+def __getattr__(name: str):
+    if name not in __all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(".engine", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
