@@ -237,17 +237,51 @@ def test_export_then_generate_on_the_runtime_without_torch(capsys, trained, tmp_
     assert len(on_torch.splitlines()) == 2
     script = ("import sys; from fastencdec import cli; rc = cli.main(sys.argv[1:]); "
               "print('torch' in sys.modules, file=sys.stderr); sys.exit(rc)")
-    done = subprocess.run([sys.executable, "-c", script, *base, "--runtime", "--threads", "1"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", script, *base, "--runtime", "--threads", "1",
+                           "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout == on_torch
     assert done.stderr.strip().splitlines()[-1] == "False"
+    # a user error stays one line, exit code 2, and still loads no torch
+    done = subprocess.run([sys.executable, "-c", script, "generate", "--model", model,
+                           "--prompt", "p", "--runtime"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "fastencdec generate: error: --runtime serves int8/bf16 folders written by "
+        f"`fastencdec export` (or save_inference); {model} holds float weights", "False"]
     rc = cli.main(["generate", "--model", model, "--prompt", "p", "--runtime"])
     one_line_error(capsys, rc, "--runtime serves int8/bf16 folders", "float weights")
     rc = cli.main([*base, "--runtime", "--dtype", "bf16"])
     one_line_error(capsys, rc, "holds int8 weights, not --dtype bf16")
     rc = cli.main(["export", "--model", model, "--dtype", "bf16", "--out", out])
     one_line_error(capsys, rc, "exists and is not empty")
+    rc = cli.main(["generate", "--model", str(tmp_path / "nowhere"), "--prompt", "p",
+                   "--runtime"])
+    one_line_error(capsys, rc, "model folder not found")
+
+
+def test_export_keeps_a_json_tokenizers_special_tokens(capsys, tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from fastencdec import EncDecConfig, EncoderDecoderLM
+    from fastencdec.data import JsonTokenizer, load_tokenizer
+
+    tk = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="[U]"))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tk.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 4,
+                           tokenizers.trainers.BpeTrainer(
+                               vocab_size=60, special_tokens=["[P]", "[B]", "[E]", "[U]"]))
+    names = {"pad": "[P]", "bos": "[B]", "eos": "[E]", "unk": "[U]"}
+    model_dir = tmp_path / "model"
+    EncoderDecoderLM(EncDecConfig.preset("tiny")).save_pretrained(model_dir)
+    JsonTokenizer(tk, special_tokens=names).save(model_dir)
+    out = tmp_path / "int8"
+    assert cli.main(["export", "--model", str(model_dir), "--dtype", "int8",
+                     "--out", str(out)]) == 0
+    assert "with its tokenizer" in capsys.readouterr().out
+    before, after = load_tokenizer(model_dir), load_tokenizer(out)
+    assert (after.pad_id, after.bos_id, after.eos_id, after.unk_id) == \
+        (before.pad_id, before.bos_id, before.eos_id, before.unk_id) == (0, 1, 2, 3)
 
 
 def test_distill_refuses_a_teacher_with_another_tokenizer(capsys, trained, tmp_path):

@@ -239,6 +239,8 @@ def test_lazy_package_names_still_resolve():
     assert fastencdec.EncoderDecoderLM is EncoderDecoderLM
     assert fastencdec._C.active_isa() and fastencdec.models.quantize.to_inference is to_inference
     assert fastencdec.data.tokenizer.Tokenizer is fastencdec.data.Tokenizer
+    assert rt.engine.load is rt.load and rt.sampling is sampling
+    assert not hasattr(fastencdec.data, "a.b") and not hasattr(fastencdec.models, "nope")
     assert {"ops", "models", "runtime", "Rope", "load_inference"} <= set(dir(fastencdec))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         fastencdec.nope  # noqa: B018

@@ -59,6 +59,8 @@ def float_in(low: float, high: float = math.inf, *, low_open: bool = True):
 
 
 def device_name(text: str) -> str:
+    if text == "cpu":  # no torch needed (generate --runtime must not import it)
+        return text
     import torch
 
     try:
@@ -184,17 +186,8 @@ def _to_inference(model, dtype: str):
     return to_inference(model, dtype)
 
 
-def _tokenizer_files(directory: str) -> list[str]:
-    from .data.json_tokenizer import JSON_TOKENIZER_FILE
-    from .data.tokenizer import TOKENIZER_FILE
-
-    return [os.path.join(directory, name) for name in (TOKENIZER_FILE, JSON_TOKENIZER_FILE)
-            if os.path.isfile(os.path.join(directory, name))]
-
-
 def cmd_export(args) -> int:
-    import shutil
-
+    from .data.json_tokenizer import load_tokenizer
     from .models.quantize import save_inference
     from .training.run_config import load_pretrained
     from .training.threads import choose_threads
@@ -204,13 +197,18 @@ def cmd_export(args) -> int:
     model = load_pretrained(args.model, device="cpu")
     choose_threads(args.threads, device="cpu", params=model.num_parameters())
     model = _to_inference(model, args.dtype)
+    try:  # loaded and saved again: its special tokens travel with it
+        tok = load_tokenizer(args.tokenizer or args.model)
+    except FileNotFoundError:
+        if args.tokenizer is not None:
+            raise
+        tok = None
     save_inference(model, args.out)
-    copied = []
-    for path in _tokenizer_files(args.tokenizer or args.model):
-        shutil.copy2(path, args.out)
-        copied.append(os.path.basename(path))
+    if tok is not None:
+        tok.save(args.out)
     print(f"{args.dtype} model written to {args.out}"
-          + (f" (with {', '.join(copied)})" if copied else " (no tokenizer found to copy)"))
+          + (" with its tokenizer" if tok is not None else " (no tokenizer in --model: pass "
+             "--tokenizer to generate)"))
     if args.dtype != "fp32":
         print(f"serve it without torch: fastencdec generate --runtime --model {args.out} "
               "--prompt ...")
@@ -251,6 +249,8 @@ def _generate_on_runtime(args) -> int:
         raise CommandError("--runtime serves text models; drop --runtime for --image")
     if args.device not in (None, "cpu"):
         raise CommandError(f"--runtime runs on the CPU, not --device {args.device}")
+    if not os.path.isdir(args.model):
+        raise FileNotFoundError(f"model folder not found: {args.model}")
     fmt = _saved_format(args.model)
     if fmt not in ("int8", "bf16"):
         raise CommandError(f"--runtime serves int8/bf16 folders written by `fastencdec export` "
@@ -290,8 +290,8 @@ def cmd_generate(args) -> int:
     from .training.run_config import load_pretrained
     from .training.threads import choose_threads, warn_if_oversubscribed
 
-    device = _default_device(args)
     fmt = _saved_format(args.model)
+    device = (args.device or "cpu") if fmt is not None else _default_device(args)
     if fmt is not None:  # an inference folder (fastencdec export / save_inference)
         if args.dtype not in (None, fmt):
             raise CommandError(f"{args.model} holds {fmt} weights, not --dtype {args.dtype}")
@@ -496,12 +496,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple:
-    from .data.sources import DatasetUnavailableError
-    from .training.checkpoint import CheckpointWriteError
-
-    return (CommandError, ValueError, KeyError, FileNotFoundError, NotADirectoryError,
-            IsADirectoryError, PermissionError, ImportError, DatasetUnavailableError,
-            CheckpointWriteError)
+    errors = [CommandError, ValueError, KeyError, FileNotFoundError, NotADirectoryError,
+              IsADirectoryError, PermissionError, ImportError]
+    # errors of modules the command imported (only they can raise them); importing them
+    # here would load torch into a torch-free command (generate --runtime)
+    for module, name in (("fastencdec.data.sources", "DatasetUnavailableError"),
+                         ("fastencdec.training.checkpoint", "CheckpointWriteError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -33,7 +33,8 @@ __all__ = list(_EXPORTS)
 def __getattr__(name: str):
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    elif not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}"):
+    elif (name.isidentifier() and not name.startswith("__")
+          and importlib.util.find_spec(f"{__name__}.{name}")):
         value = importlib.import_module(f".{name}", __name__)  # a submodule
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

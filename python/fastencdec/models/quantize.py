@@ -42,6 +42,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -725,8 +726,10 @@ def _stored_tensors(weights: Path, *, packed: bool):
         stored = {name: (_SAFETENSORS_DTYPES[e.dtype], e.shape) for name, e in f.entries.items()}
         if packed:
             def read(name):
-                t = torch.from_numpy(f.read(name))
-                return t.view(torch.bfloat16) if stored[name][0] is torch.bfloat16 else t
+                array = f.read(name)
+                if stored[name][0] is torch.bfloat16:  # the bits, through a dtype every torch has
+                    return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+                return torch.from_numpy(array)
 
             yield stored, read
             return
@@ -764,7 +767,10 @@ def load_inference(directory: str | os.PathLike, dtype: str | None = None) -> nn
     try:
         tied = json.loads(meta.get(TIED_KEY, "{}"))
     except ValueError:
-        raise ValueError(f"{weights}: malformed {TIED_KEY!r} metadata") from None
+        tied = None
+    if not isinstance(tied, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
+        raise ValueError(f"{weights}: malformed {TIED_KEY!r} metadata")
 
     config = cls.config_class.load(config_path)
     # Layer counts, names and widths against the file's header before anything is built

@@ -27,13 +27,19 @@ import importlib
 __all__ = ["load", "EncoderDecoderRuntime", "DecoderOnlyRuntime", "default_threads"]
 
 
+_SUBMODULES = ("engine", "safetensors_file", "sampling", "weights")
+
+
 def __getattr__(name: str):
-    if name not in __all__:
+    if name in __all__:
+        value = getattr(importlib.import_module(".engine", __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(".engine", __name__), name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))
