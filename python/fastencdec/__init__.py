@@ -9,8 +9,9 @@ after torch registers them at once).
 
 from __future__ import annotations
 
-import importlib
 import sys
+
+from ._lazy import lazy_names
 
 __version__ = "0.1.0"
 
@@ -31,15 +32,7 @@ _SUBMODULES = ("_C", "argcheck", "cli", "constants", "convert", "data", "generat
 __all__ = ["ops", "reference", *_EXPORTS, "__version__"]
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    elif name in _SUBMODULES:
-        value = importlib.import_module(f".{name}", __name__)
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value  # later lookups skip this function
-    return value
+__getattr__, __dir__ = lazy_names(__name__, _EXPORTS, _SUBMODULES)
 
 
 # With torch already loaded, register the torch.ops.fastencdec custom ops now, as an
@@ -49,5 +42,3 @@ if "torch" in sys.modules:
     from . import ops  # noqa: E402,F401
 
 
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from . import inputs
-from .argcheck import positive_int
+from .argcheck import positive_int, streamer_hooks, token_id
 from .kv_cache import StaticKVCache
 from .ops import dispatch, validate
 
@@ -80,27 +80,6 @@ def next_tokens(logits: torch.Tensor, *, do_sample: bool, temperature: float = 1
 # --------------------------------------------------------------------------- settings
 
 
-def _token_id(name: str, value, vocab_size: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int token id, got {type(value).__name__}")
-    if not 0 <= value < vocab_size:
-        raise ValueError(f"{name} must lie in [0, vocab_size={vocab_size}), got {value}")
-    return value
-
-
-def _streamer_hooks(streamer):
-    """A callable ``streamer(tokens)``, or an object with ``put(tokens)`` (and optionally
-    ``end()``) like Hugging Face's streamers."""
-    if streamer is None:
-        return None, None
-    if hasattr(streamer, "put"):
-        return streamer.put, getattr(streamer, "end", None)
-    if callable(streamer):
-        return streamer, None
-    raise TypeError("streamer must be callable or have a put(tokens) method, "
-                    f"got {type(streamer).__name__}")
-
-
 @dataclass
 class Settings:
     """``generate``'s keyword arguments, checked once."""
@@ -145,10 +124,10 @@ def make_settings(config, device: torch.device, *, max_new_tokens, do_sample, te
     eos = [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
     if isinstance(eos, (str, bytes)) or not isinstance(eos, Sequence):
         raise TypeError("eos_token_id must be an int, a sequence of ints or None (config's)")
-    eos = [_token_id("eos_token_id", e, vocab) for e in eos]
+    eos = [token_id("eos_token_id", e, vocab) for e in eos]
     pad = config.pad_token_id if pad_token_id is None else pad_token_id
-    pad = _token_id("pad_token_id", pad, vocab)
-    emit, finish = _streamer_hooks(streamer)
+    pad = token_id("pad_token_id", pad, vocab)
+    emit, finish = streamer_hooks(streamer)
     return Settings(
         max_new_tokens=max_new_tokens, do_sample=bool(do_sample), temperature=temperature,
         top_k=top_k, top_p=None if top_p is None else float(top_p), generator=generator,

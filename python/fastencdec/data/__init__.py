@@ -11,8 +11,7 @@ can be imported without torch.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+from .._lazy import lazy_names
 
 # name -> the submodule that defines it
 _EXPORTS = {
@@ -64,17 +63,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    elif (name.isidentifier() and not name.startswith("__")
-          and importlib.util.find_spec(f"{__name__}.{name}")):
-        value = importlib.import_module(f".{name}", __name__)  # a submodule
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_names(__name__, _EXPORTS)

@@ -49,6 +49,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+# safetensors metadata keys, defined once (torch-free) with the runtime's reader
+from ..runtime.weights import FORMAT_KEY, TIED_KEY
 from .layers import GeluMLP, SelfAttention
 from .meta_init import on_meta
 from .pretrained import (
@@ -67,8 +69,6 @@ try:  # Int8Linear's and Bf16Linear's kernels
 except ImportError:  # pragma: no cover - the compiled module is part of the package
     _int8_linear = _bf16_linear = None
 INT8_MAX_IN_FEATURES = 65536  # int32 sums stay exact (and the kernel's u8 offset fits)
-FORMAT_KEY = "fastencdec_weight_format"  # safetensors metadata: the format
-TIED_KEY = "fastencdec_tied"  # safetensors metadata: JSON {alias: stored name}
 
 
 def quantize_per_channel(weight: torch.Tensor, name: str = "weight"):

@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from ..argcheck import MIN_TEMPERATURE, temperature  # noqa: F401 (re-exported)
 from ..spec import Rope
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -260,15 +261,4 @@ def labels_values(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
                              f"{ignore_index}, got values in [{lo}, {hi}]")
 
 
-# Below this a softmax temperature turns fp32 logits into inf (use greedy decoding instead).
-MIN_TEMPERATURE = 1e-6
-
-
-def temperature(value, name: str = "temperature") -> float:
-    """A finite softmax temperature >= ``MIN_TEMPERATURE``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not (math.isfinite(value) and value >= MIN_TEMPERATURE):
-        raise ValueError(f"{name} must be a finite number >= {MIN_TEMPERATURE:g} (smaller "
-                         f"values overflow the scaled logits), got {value}")
-    return float(value)
+# (MIN_TEMPERATURE and temperature() live in argcheck: the torch-free runtime checks them too)

@@ -20,26 +20,11 @@ the same directory, ``model.generate``) bitwise; ``generate`` takes the same arg
 
 from __future__ import annotations
 
-import importlib
+from .._lazy import lazy_names
 
 # loaded on first use: the file reader (``safetensors_file``, which load_inference also
 # uses) needs neither the engine nor the compiled module
 __all__ = ["load", "EncoderDecoderRuntime", "DecoderOnlyRuntime", "default_threads"]
 
-
-_SUBMODULES = ("engine", "safetensors_file", "sampling", "weights")
-
-
-def __getattr__(name: str):
-    if name in __all__:
-        value = getattr(importlib.import_module(".engine", __name__), name)
-    elif name in _SUBMODULES:
-        value = importlib.import_module(f".{name}", __name__)
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))
+__getattr__, __dir__ = lazy_names(__name__, dict.fromkeys(__all__, "engine"),
+                                  ("engine", "safetensors_file", "sampling", "weights"))

@@ -26,11 +26,11 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .. import _C
+from ..argcheck import int_at_least, streamer_hooks, token_id
+from ..argcheck import temperature as check_temperature
 from ..rope_math import rope_base
 from . import sampling
 from .weights import Linear, WeightReader, open_weights
-
-MIN_TEMPERATURE = 1e-6  # as fastencdec.ops.validate
 
 
 def default_threads() -> int:
@@ -39,14 +39,6 @@ def default_threads() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
-
-
-def _int_at_least(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return int(value)
 
 
 def _token_ids(name: str, ids, vocab: int) -> np.ndarray:
@@ -79,32 +71,17 @@ def _mask(mask, ids: np.ndarray) -> np.ndarray | None:
     return mask.astype(np.bool_)
 
 
-def _streamer_hooks(streamer):
-    if streamer is None:
-        return None, None
-    if hasattr(streamer, "put"):
-        return streamer.put, getattr(streamer, "end", None)
-    if callable(streamer):
-        return streamer, None
-    raise TypeError("streamer must be callable or have a put(tokens) method, "
-                    f"got {type(streamer).__name__}")
-
-
 class _Settings:
     """``generate``'s keyword arguments, checked once (as ``generation.make_settings``)."""
 
     def __init__(self, config, *, max_new_tokens, do_sample, temperature, top_k, top_p,
                  eos_token_id, pad_token_id, num_return_sequences, streamer, seed):
         vocab = config.vocab_size
-        self.max_new_tokens = _int_at_least("max_new_tokens", max_new_tokens, 1)
-        self.n = _int_at_least("num_return_sequences", num_return_sequences, 1)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-            raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
-        if not (math.isfinite(temperature) and temperature >= MIN_TEMPERATURE):
-            raise ValueError(f"temperature must be a finite number >= {MIN_TEMPERATURE:g}, "
-                             f"got {temperature}")
+        self.max_new_tokens = int_at_least("max_new_tokens", max_new_tokens, 1)
+        self.n = int_at_least("num_return_sequences", num_return_sequences, 1)
+        temperature = check_temperature(temperature)
         if top_k is not None:
-            _int_at_least("top_k", top_k, 1)
+            int_at_least("top_k", top_k, 1)
         if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
                                   or not 0 < top_p <= 1):
             raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
@@ -112,18 +89,14 @@ class _Settings:
         eos = [eos] if isinstance(eos, (int, np.integer)) else eos
         if isinstance(eos, (str, bytes)) or not isinstance(eos, Sequence):
             raise TypeError("eos_token_id must be an int, a sequence of ints or None (config's)")
+        eos = [token_id("eos_token_id", e, vocab) for e in eos]
         pad = config.pad_token_id if pad_token_id is None else pad_token_id
-        for name, value in [("eos_token_id", e) for e in eos] + [("pad_token_id", pad)]:
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise TypeError(f"{name} must be an int token id, got {type(value).__name__}")
-            if not 0 <= value < vocab:
-                raise ValueError(f"{name} must lie in [0, vocab_size={vocab}), got {value}")
-        self.eos = np.asarray(eos, dtype=np.int64) if len(eos) else None
-        self.pad = int(pad)
+        self.pad = token_id("pad_token_id", pad, vocab)
+        self.eos = np.asarray(eos, dtype=np.int64) if eos else None
         self.do_sample, self.temperature = bool(do_sample), float(temperature)
         self.top_k, self.top_p = top_k, None if top_p is None else float(top_p)
         self.rng = np.random.default_rng(seed) if do_sample else None
-        self.emit, self.finish = _streamer_hooks(streamer)
+        self.emit, self.finish = streamer_hooks(streamer)
 
     def pick(self, logits: np.ndarray) -> np.ndarray:
         return sampling.next_tokens(logits, do_sample=self.do_sample,
@@ -178,7 +151,7 @@ class _Runtime:
 
     @threads.setter
     def threads(self, value: int) -> None:
-        self._threads = _int_at_least("threads", value, 1)
+        self._threads = int_at_least("threads", value, 1)
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """Token vectors ``[*ids.shape, d_model]`` in the activations' dtype."""
@@ -466,7 +439,7 @@ def load(directory: str | os.PathLike, *, threads: int | None = None,
     if encoder_attention not in ("bf16", "fp32"):
         raise ValueError(f"encoder_attention must be 'bf16' or 'fp32', got {encoder_attention!r}")
     if threads is not None:
-        _int_at_least("threads", threads, 1)
+        int_at_least("threads", threads, 1)
     config, fmt, f, tied = open_weights(directory)
     with f:
         reader = WeightReader(f, tied, fmt)

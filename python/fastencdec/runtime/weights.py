@@ -20,8 +20,8 @@ import numpy as np
 
 from .safetensors_file import SafetensorsFile
 
-FORMAT_KEY = "fastencdec_weight_format"  # as models/quantize.py writes them
-TIED_KEY = "fastencdec_tied"
+FORMAT_KEY = "fastencdec_weight_format"  # safetensors metadata: the weight format
+TIED_KEY = "fastencdec_tied"  # safetensors metadata: JSON {alias: stored name}
 FORMATS = ("int8", "bf16")
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 _GROUP = {"int8": 4, "bf16": 2}  # inputs per 32-column panel entry
